@@ -1,0 +1,148 @@
+"""OscarConfig: BERT's configuration plus the image and task fields of the original Oscar config.json.
+
+The JSON layout is the original's (pytorch_transformers BertConfig + Oscar keys, oscar-formats §2.1), so a
+released Oscar / Mengzi-Oscar config.json loads unchanged and ours loads in the original code. Keys we do not
+model are kept in `extra` and written back, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import BertConfig
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class OscarConfig:
+    """All hyper-parameters that shape an Oscar model's weights or forward pass."""
+
+    # --- BERT ---
+    vocab_size: int = 21128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    # --- Oscar image input ---
+    img_feature_dim: int = 2054
+    img_feature_type: str = "faster_r-cnn"
+    use_img_layernorm: bool = False  # absent in Oscar-v1 configs, which have no image LayerNorm
+    img_layer_norm_eps: float = 1e-12
+    # --- task heads ---
+    num_contrast_classes: int = 2
+    num_labels: int = 2
+    loss_type: str = "sfmx"
+    tie_weights: bool = False
+    freeze_embedding: bool = False
+    label_smoothing: float = 0.0
+    drop_worst_ratio: float = 0.0
+    drop_worst_after: int = 0
+    # --- sequence layout the weights were trained with (Oscar keeps these in training_args.bin) ---
+    max_seq_a_length: int = 40
+    max_seq_length: int = 70
+    max_img_seq_length: int = 50
+    add_od_labels: bool = True
+    # --- keys of the source config.json we carry but do not interpret ---
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "img_feature_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_contrast_classes not in (2, 3):
+            raise ValueError(f"num_contrast_classes must be 2 or 3, got {self.num_contrast_classes}")
+        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.drop_worst_ratio < 1.0:
+            raise ValueError("label_smoothing and drop_worst_ratio must be in [0, 1)")
+        if self.img_feature_type.startswith("dis_code"):
+            raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
+        if not self.max_seq_a_length <= self.max_seq_length <= self.max_position_embeddings:
+            raise ValueError(
+                f"need max_seq_a_length ({self.max_seq_a_length}) <= max_seq_length ({self.max_seq_length}) "
+                f"<= max_position_embeddings ({self.max_position_embeddings})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def bert_config(self) -> BertConfig:
+        """The transformers BertConfig for the BERT blocks we build on (eager/SDPA choice is ours, not HF's)."""
+        return BertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            hidden_dropout_prob=self.hidden_dropout_prob,
+            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            initializer_range=self.initializer_range,
+            layer_norm_eps=self.layer_norm_eps,
+            pad_token_id=0,  # Oscar's [PAD] is id 0 whatever an inherited config says
+        )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "OscarConfig":
+        """Build from an original or our own config.json dict; unknown keys go to `extra`."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in {**data, **overrides}.items():
+            if key in known:
+                values[key] = _coerce(known[key].type, value)
+            else:
+                extra[key] = value
+        return cls(**values, extra=extra)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> "OscarConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: a model dir needs config.json")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, **overrides)
+
+
+def _coerce(type_name: Any, value: Any) -> Any:
+    """Original configs store flags as 0/1 and sometimes numbers as strings; normalise to the field type."""
+    kind = str(type_name)
+    if kind == "bool":
+        return bool(int(value)) if isinstance(value, (int, float, str)) else bool(value)
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return value

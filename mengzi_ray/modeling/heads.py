@@ -1,0 +1,250 @@
+"""The three Oscar task models on top of OscarModel (oscar-formats §2.4–2.6).
+
+All take the original tensor names as keyword arguments (`input_ids, attention_mask, token_type_ids,
+img_feats`, plus the task's labels) and return a `TaskOutput` with `.loss` (when labels are given) and `.logits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+from mengzi_ray.modeling.checkpoint import OscarPreTrainedModel
+from mengzi_ray.modeling.config import OscarConfig
+from mengzi_ray.modeling.generation import GenerationOutput, SpecialIds, generate
+from mengzi_ray.modeling.oscar import OscarModel
+
+
+@dataclass
+class TaskOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None  # pretraining: (B, num_contrast_classes)
+    mlm_loss: torch.Tensor | None = None  # pretraining
+    num_correct: torch.Tensor | None = None  # captioning: argmax hits over the masked tokens
+
+
+class OscarLMHead(nn.Module):
+    """Oscar's MLM head: transform (dense, gelu, LN) → decoder (no bias) + a separate output bias.
+
+    Keys: predictions.transform.{dense,LayerNorm}.*, predictions.decoder.weight, predictions.bias.
+    """
+
+    def __init__(self, config: OscarConfig):
+        super().__init__()
+        self.predictions = nn.Module()
+        self.predictions.transform = BertPredictionHeadTransform(config.bert_config())
+        self.predictions.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.predictions.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        p = self.predictions
+        return p.decoder(p.transform(hidden)) + p.bias
+
+
+class OscarForPretraining(OscarPreTrainedModel):
+    """MLM over the sequence + image-text contrastive head (2- or 3-way) on the pooled output.
+
+    A 2-way head in the file loads into a 3-way model by starting the head fresh, as the original tolerates.
+    """
+
+    tolerated_missing = (r"cls\.seq_relationship\.",)
+    tolerated_unexpected = (r"classifier\.",)
+
+    def __init__(self, config: OscarConfig):
+        super().__init__(config)
+        self.bert = OscarModel(config)
+        self.cls = OscarLMHead(config)
+        self.cls.seq_relationship = nn.Linear(config.hidden_size, config.num_contrast_classes)
+        self.init_weights()
+
+    def tie_weights(self) -> None:  # the pretraining decoder is always tied to the word embeddings
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        masked_lm_labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> TaskOutput:
+        """masked_lm_labels: (B, T) or (B, T+R), −1 = not a target. Logits are over all T+R positions (as the
+        original computes them); the loss is CE(MLM) + CE(contrastive)."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
+        scores = self.cls(out.last_hidden_state)
+        relation = self.cls.seq_relationship(out.pooler_output)
+        if masked_lm_labels is None or next_sentence_label is None:
+            return TaskOutput(logits=scores, seq_relationship_logits=relation)
+        total = scores.shape[1]
+        if masked_lm_labels.shape[1] < total:  # text-only labels: regions are never MLM targets
+            pad = masked_lm_labels.new_full((masked_lm_labels.shape[0], total - masked_lm_labels.shape[1]), -1)
+            masked_lm_labels = torch.cat([masked_lm_labels, pad], dim=1)
+        mlm = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), masked_lm_labels.reshape(-1), ignore_index=-1)
+        contrast = F.cross_entropy(relation.float(), next_sentence_label.reshape(-1))
+        return TaskOutput(logits=scores, loss=mlm + contrast, seq_relationship_logits=relation, mlm_loss=mlm)
+
+
+class CaptioningLoss(nn.Module):
+    """Label-smoothed KL to the target + "drop worst": after `drop_worst_after` calls keep the smallest losses.
+
+    `calls` counts forward calls per process, as the original does; it is training state (checkpoint it).
+    """
+
+    def __init__(self, label_smoothing: float, drop_worst_ratio: float, drop_worst_after: int):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.drop_worst_ratio = drop_worst_ratio
+        self.drop_worst_after = drop_worst_after
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (N, V), target (N,) → scalar loss."""
+        eps = self.label_smoothing
+        vocab = logits.shape[-1]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        q = torch.full_like(log_probs, eps / (vocab - 1))
+        q.scatter_(1, target[:, None], 1.0 - eps)
+        # KL(q || p) = Σ q (log q − log p); 0·log 0 taken as 0 so eps = 0 is plain cross-entropy.
+        per_token = (torch.xlogy(q, q) - q * log_probs).sum(dim=1)
+        self.calls += 1
+        if self.drop_worst_ratio > 0 and self.calls > self.drop_worst_after:
+            keep = int(per_token.shape[0] * (1 - self.drop_worst_ratio))
+            per_token, _ = torch.topk(per_token, k=keep, largest=False)
+        return per_token.mean()
+
+
+class OscarForCaptioning(OscarPreTrainedModel):
+    """Seq2seq by masking: the caption sees itself causally, tags and regions; masked caption tokens are predicted.
+
+    Training (masked_ids given): logits (num_masked, V) for the masked positions in row-major order, loss by
+    CaptioningLoss. Inference: logits (B, T, V) for every text position. `generate` decodes (see generation.py).
+    """
+
+    tolerated_unexpected = (r"cls\.seq_relationship\.",)
+
+    def __init__(self, config: OscarConfig):
+        super().__init__(config)
+        self.bert = OscarModel(config)
+        self.cls = OscarLMHead(config)
+        self.loss = CaptioningLoss(config.label_smoothing, config.drop_worst_ratio, config.drop_worst_after)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        embedding = self.bert.embeddings.word_embeddings.weight
+        if self.config.tie_weights:
+            self.cls.predictions.decoder.weight = embedding
+        embedding.requires_grad_(not self.config.freeze_embedding)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        masked_pos: torch.Tensor | None = None,
+        masked_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        is_training: bool | None = None,
+    ) -> TaskOutput:
+        training = masked_ids is not None if is_training is None else is_training
+        out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
+        text = out.last_hidden_state[:, : input_ids.shape[1]]
+        if not training:
+            return TaskOutput(logits=self.cls(text))
+        if masked_pos is None or masked_ids is None:
+            raise ValueError("captioning training needs masked_pos (B, T) and masked_ids (B, max_masked)")
+        selected = text[masked_pos == 1]
+        target = masked_ids[masked_ids != 0]
+        if selected.shape[0] != target.shape[0]:
+            raise ValueError(f"{selected.shape[0]} masked positions but {target.shape[0]} non-pad masked_ids")
+        logits = self.cls(selected).float()
+        loss = self.loss(logits, target)
+        return TaskOutput(logits=logits, loss=loss, num_correct=(logits.argmax(-1) == target).sum())
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        img_feats: torch.Tensor,
+        masked_pos: torch.Tensor | None = None,
+        *,
+        num_beams: int = 1,
+        max_length: int = 20,
+        length_penalty: float = 1.0,
+        num_keep_best: int = 1,
+        od_labels_start_posid: int | None = None,
+        use_cache: bool = True,
+        special_ids: SpecialIds | None = None,
+    ) -> GenerationOutput:
+        """Greedy (num_beams 1) or beam search on the test layout; see generation.py for the contract.
+
+        masked_pos is accepted for the original call signature and unused (every caption slot is a [MASK]).
+        od_labels_start_posid defaults to the training caption budget (config.max_seq_a_length); special ids
+        default to the model dir's vocab.txt.
+        """
+        del masked_pos
+        return generate(
+            self.bert,
+            self.cls,
+            special_ids or self.special_ids(),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            img_feats,
+            max_length=max_length,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            num_keep_best=num_keep_best,
+            od_labels_start_posid=(
+                self.config.max_seq_a_length if od_labels_start_posid is None else od_labels_start_posid
+            ),
+            use_cache=use_cache,
+        )
+
+
+class OscarForRetrieval(OscarPreTrainedModel):
+    """Image-text match classifier on the pooled output; match score = softmax(logits)[:, 1]."""
+
+    tolerated_missing = (r"classifier\.",)
+    tolerated_unexpected = (r"cls\.",)
+
+    def __init__(self, config: OscarConfig):
+        super().__init__(config)
+        self.bert = OscarModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> TaskOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        if labels is None:
+            return TaskOutput(logits=logits)
+        if self.config.num_labels == 1:
+            loss = F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+        elif self.config.loss_type == "bce":
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.config.num_labels
+        else:
+            loss = F.cross_entropy(logits.float(), labels.view(-1))
+        return TaskOutput(logits=logits, loss=loss)
+
+    @staticmethod
+    def match_score(logits: torch.Tensor) -> torch.Tensor:
+        """(B, 2) logits → (B,) probability that text and image match."""
+        return logits.float().softmax(dim=-1)[:, 1]

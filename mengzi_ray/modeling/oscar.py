@@ -1,0 +1,135 @@
+"""OscarModel: BERT over `[text ; regions]` (oscar-formats §2.2), with an optional key/value cache.
+
+Text goes through transformers' BertEmbeddings (word + position + token type, LayerNorm, dropout). Each region's
+2054-d vector goes through Linear(img_feature_dim → hidden) [+ LayerNorm] + dropout, with no position or
+segment embedding. The concatenation runs through transformers' BertLayer blocks; attention itself is computed
+here with `F.scaled_dot_product_attention` so that we control the mask (Oscar's 2-D or 3-D 0/1 masks become
+the original's additive `(1 - mask) * -10000` bias, which also keeps fully-masked padding rows finite) and the
+cache (keys/values of positions that later steps attend to, used by decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
+
+from mengzi_ray.modeling.config import OscarConfig
+
+# Per layer: (keys, values), each (batch, heads, cached_positions, head_dim).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class OscarOutput:
+    last_hidden_state: torch.Tensor  # (B, T+R, H)
+    pooler_output: torch.Tensor  # (B, H), tanh(Linear(h[:, 0]))
+    layer_kv: KVCache | None = None  # keys/values of this call's positions, when asked for
+
+
+def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 mask (B, N) or (B, N, N) → additive bias (B, 1, 1, N) or (B, 1, N, N): 0 where allowed, -10000 not."""
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None, :, :]
+    else:
+        raise ValueError(f"attention_mask must be 2-D (B, N) or 3-D (B, N, N), got shape {tuple(mask.shape)}")
+    return (1.0 - mask.to(dtype)) * -10000.0
+
+
+class OscarModel(nn.Module):
+    """The shared trunk. State-dict keys are the original's `bert.*` keys without the `bert.` prefix."""
+
+    def __init__(self, config: OscarConfig):
+        super().__init__()
+        self.config = config
+        bert_config = config.bert_config()
+        self.embeddings = BertEmbeddings(bert_config)
+        # Regions: no position/segment embedding. Original keys: bert.img_embedding.*, bert.LayerNorm.* (image LN).
+        self.img_embedding = nn.Linear(config.img_feature_dim, config.hidden_size)
+        self.LayerNorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.img_layer_norm_eps) if config.use_img_layernorm else None
+        )
+        self.img_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(BertLayer(bert_config, layer_idx=i) for i in range(config.num_hidden_layers))
+        self.pooler = BertPooler(bert_config)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def embed_regions(self, img_feats: torch.Tensor) -> torch.Tensor:
+        if img_feats.dim() != 3 or img_feats.shape[-1] != self.config.img_feature_dim:
+            raise ValueError(
+                f"img_feats must be (B, R, {self.config.img_feature_dim}), got {tuple(img_feats.shape)}"
+            )
+        x = self.img_embedding(img_feats)
+        if self.LayerNorm is not None:
+            x = self.LayerNorm(x)
+        return self.img_dropout(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_kv: KVCache | None = None,
+        return_kv: bool = False,
+    ) -> OscarOutput:
+        """Encode text (B, T) followed by regions (B, R, D).
+
+        attention_mask: 0/1, (B, K) or (B, N, K) where N = T + R queries and K = cached + N keys; with `past_kv`,
+        the mask's last K columns are [cached positions, then this call's positions]. Returns hidden states of
+        this call's positions; with `return_kv` also each layer's keys/values of those positions.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        if img_feats is not None:
+            hidden = torch.cat([hidden, self.embed_regions(img_feats.to(hidden.dtype))], dim=1)
+        num_keys = hidden.shape[1] + (past_kv[0][0].shape[2] if past_kv else 0)
+        if attention_mask.shape[-1] != num_keys or attention_mask.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not fit batch {hidden.shape[0]} with "
+                f"{num_keys} attended positions (text {input_ids.shape[1]} + regions "
+                f"{0 if img_feats is None else img_feats.shape[1]} + cached)"
+            )
+        bias = additive_attention_mask(attention_mask, hidden.dtype)
+        layer_kv: KVCache = []
+        for i, layer in enumerate(self.encoder.layer):
+            hidden, kv = self._layer(layer, hidden, bias, past_kv[i] if past_kv else None)
+            layer_kv.append(kv)
+        pooled = self.pooler(hidden)
+        return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
+
+    def _layer(
+        self,
+        layer: BertLayer,
+        hidden: torch.Tensor,
+        bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One post-LN BERT layer, using the BertLayer's own weights (keys stay the original's)."""
+        attn = layer.attention.self
+        b, n, _ = hidden.shape
+        heads, d = self.config.num_attention_heads, self.config.head_dim
+        q = attn.query(hidden).view(b, n, heads, d).transpose(1, 2)
+        k = attn.key(hidden).view(b, n, heads, d).transpose(1, 2)
+        v = attn.value(hidden).view(b, n, heads, d).transpose(1, 2)
+        new_kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        ctx = ctx.transpose(1, 2).reshape(b, n, heads * d)
+        hidden = layer.attention.output(ctx, hidden)
+        hidden = layer.output(layer.intermediate(hidden), hidden)
+        return hidden, new_kv

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random-init Oscar configs and model dirs the tests make themselves (no hub, no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A hand-made vocab: bert-base-chinese puts [PAD]=0, [UNK]=100, [CLS]=101…; this tiny one uses other ids on purpose,
+# so any code that assumes fixed ids fails here.
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "红", "蓝", "圆", "方", "的", "在", "左", "右", "边", "形", "色"]
+
+
+@pytest.fixture
+def tiny_vocab_file(tmp_path: Path) -> Path:
+    path = tmp_path / "vocab" / "vocab.txt"
+    path.parent.mkdir()
+    path.write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_config(**overrides):
+    from mengzi_ray.modeling import OscarConfig
+
+    values = dict(
+        vocab_size=len(TINY_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        img_feature_dim=12,
+        use_img_layernorm=True,
+        max_seq_a_length=8,
+        max_seq_length=12,
+        max_img_seq_length=5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return OscarConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
