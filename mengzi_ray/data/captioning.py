@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from mengzi_ray.data.common import TokenIds, pad_regions, tokenize
+from mengzi_ray.data.common import TokenIds, pad_regions
+from mengzi_ray.text import caption_tokens
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class CaptionLayout:
     max_seq_length: int = 70  # L
     max_img_seq_length: int = 50  # R
     img_feature_dim: int = 2054
+    truncate_regions: bool = True  # False: more than max_img_seq_length regions is an error
     mask_prob: float = 0.15
     max_masked_tokens: int = 3
     add_od_labels: bool = True
@@ -39,6 +41,7 @@ class CaptionLayout:
             max_seq_length=max_gen_length + self.max_seq_length - self.max_seq_a_length,
             max_img_seq_length=self.max_img_seq_length,
             img_feature_dim=self.img_feature_dim,
+            truncate_regions=self.truncate_regions,
             mask_prob=self.mask_prob,
             max_masked_tokens=self.max_masked_tokens,
             add_od_labels=self.add_od_labels,
@@ -69,15 +72,15 @@ class CaptionTensorizer:
         self.layout = layout
         self.ids = TokenIds.of(tokenizer)
 
-    def _text(self, caption_tokens: list[str], od_labels: str | None) -> tuple[list[str], list[int], int, int]:
+    def _text(self, words: list[str], od_labels: str | None) -> tuple[list[str], list[int], int, int]:
         lay = self.layout
-        tokens = ["[CLS]"] + caption_tokens[: lay.max_seq_a_length - 2] + ["[SEP]"]
+        tokens = ["[CLS]"] + words[: lay.max_seq_a_length - 2] + ["[SEP]"]
         seq_a_len = len(tokens)
         segments = [0] * seq_a_len
         if lay.add_od_labels:
             tokens += ["[PAD]"] * (lay.max_seq_a_length - seq_a_len)
             segments += [0] * (lay.max_seq_a_length - seq_a_len)
-            label_tokens = tokenize(self.tokenizer, od_labels or "")[: lay.max_seq_length - lay.max_seq_a_length - 1]
+            label_tokens = caption_tokens(self.tokenizer, od_labels or "")[: lay.max_seq_length - lay.max_seq_a_length - 1]
             tokens += label_tokens + ["[SEP]"]
             segments += [1] * (len(label_tokens) + 1)
         return tokens, segments, seq_a_len, len(tokens)
@@ -87,7 +90,7 @@ class CaptionTensorizer:
         pad = lay.max_seq_length - seq_len
         input_ids = np.array(self.tokenizer.convert_tokens_to_ids(tokens) + [self.ids.pad] * pad, dtype=np.int64)
         token_type_ids = np.array(segments + [0] * pad, dtype=np.int64)
-        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim)
+        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim, lay.truncate_regions)
         mask = seq2seq_attention_mask(
             seq_a_len, lay.max_seq_a_length, seq_len, lay.max_seq_length, num_regions, lay.max_img_seq_length
         )
@@ -97,10 +100,10 @@ class CaptionTensorizer:
         self, caption: str, od_labels: str | None, img_feats: np.ndarray, rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
         """Train layout with up to max_masked_tokens masked caption tokens (the closing [SEP] included)."""
-        caption_tokens = tokenize(self.tokenizer, caption)
-        if not caption_tokens:
+        words = caption_tokens(self.tokenizer, caption)
+        if not words:
             raise ValueError(f"caption {caption!r} is empty after normalisation")
-        tokens, segments, seq_a_len, seq_len = self._text(caption_tokens, od_labels)
+        tokens, segments, seq_a_len, seq_len = self._text(words, od_labels)
         lay = self.layout
         candidates = list(range(1, seq_a_len))  # not [CLS]; the closing [SEP] is, so the model learns to stop
         rng.shuffle(candidates)

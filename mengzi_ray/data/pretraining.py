@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from mengzi_ray.data.common import TokenIds, pad_regions, tokenize
+from mengzi_ray.data.common import TokenIds, pad_regions
+from mengzi_ray.text import caption_tokens
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PretrainLayout:
     max_seq_length: int = 35
     max_img_seq_length: int = 50
     img_feature_dim: int = 2054
+    truncate_regions: bool = True  # False: more than max_img_seq_length regions is an error
     mlm_prob: float = 0.15
     texta_false_prob: float = 0.25
 
@@ -68,7 +70,7 @@ class PretrainTensorizer:
         """One (already polluted) pair → input_ids, attention_mask (L+R,), token_type_ids, img_feats,
         masked_lm_labels (L,) with −1 for non-targets, next_sentence_label ()."""
         lay = self.layout
-        a, b = tokenize(self.tokenizer, text_a), tokenize(self.tokenizer, text_b)
+        a, b = caption_tokens(self.tokenizer, text_a), caption_tokens(self.tokenizer, text_b)
         if not a:
             raise ValueError(f"text_a {text_a!r} is empty after normalisation")
         truncate_pair(a, b, lay.max_seq_length - 3)
@@ -86,7 +88,7 @@ class PretrainTensorizer:
             elif draw < 0.9:
                 ids[i] = int(rng.integers(0, self.ids.vocab_size))
         pad = lay.max_seq_length - len(ids)
-        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim)
+        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim, lay.truncate_regions)
         text_mask = [1] * len(ids) + [0] * pad
         region_mask = [1] * num_regions + [0] * (lay.max_img_seq_length - num_regions)
         return {

@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from mengzi_ray.data.common import TokenIds, pad_regions, tokenize
+from mengzi_ray.data.common import TokenIds, pad_regions
+from mengzi_ray.text import caption_tokens
 
 MaskType = Literal["CLR", "CL", "CR", "LR"]
 
@@ -23,6 +24,7 @@ class RetrievalLayout:
     max_seq_length: int = 70
     max_img_seq_length: int = 50
     img_feature_dim: int = 2054
+    truncate_regions: bool = True  # False: more than max_img_seq_length regions is an error
     add_od_labels: bool = True
     att_mask_type: MaskType = "CLR"
 
@@ -37,21 +39,21 @@ class RetrievalTensorizer:
 
     def example(self, caption: str, od_labels: str | None, img_feats: np.ndarray, label: int | None = None) -> dict[str, np.ndarray]:
         lay = self.layout
-        caption_tokens = tokenize(self.tokenizer, caption)
-        if not caption_tokens:
+        words = caption_tokens(self.tokenizer, caption)
+        if not words:
             raise ValueError(f"caption {caption!r} is empty after normalisation")
-        tokens = ["[CLS]", *caption_tokens[: lay.max_seq_length - 2], "[SEP]"]
+        tokens = ["[CLS]", *words[: lay.max_seq_length - 2], "[SEP]"]
         caption_len = len(tokens)
         segments = [0] * caption_len
         # The original's bound goes negative when the caption fills L (and overflows L); we then add no tags.
         room = lay.max_seq_length - caption_len - 1
         if lay.add_od_labels and room >= 0:
-            tags = tokenize(self.tokenizer, od_labels or "")[:room]
+            tags = caption_tokens(self.tokenizer, od_labels or "")[:room]
             tokens += [*tags, "[SEP]"]
             segments += [1] * (len(tags) + 1)
         seq_len = len(tokens)
         pad = lay.max_seq_length - seq_len
-        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim)
+        feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim, lay.truncate_regions)
         out = {
             "input_ids": np.array(self.tokenizer.convert_tokens_to_ids(tokens) + [self.ids.pad] * pad, dtype=np.int64),
             "attention_mask": self._mask(caption_len, seq_len, num_regions),

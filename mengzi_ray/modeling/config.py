@@ -71,10 +71,9 @@ class OscarConfig:
             raise ValueError("label_smoothing and drop_worst_ratio must be in [0, 1)")
         if self.img_feature_type.startswith("dis_code"):
             raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
-        if not self.max_seq_a_length <= self.max_seq_length <= self.max_position_embeddings:
+        if self.max_seq_a_length > self.max_seq_length:
             raise ValueError(
-                f"need max_seq_a_length ({self.max_seq_a_length}) <= max_seq_length ({self.max_seq_length}) "
-                f"<= max_position_embeddings ({self.max_position_embeddings})"
+                f"max_seq_a_length ({self.max_seq_a_length}) exceeds max_seq_length ({self.max_seq_length})"
             )
 
     @property
