@@ -1,0 +1,63 @@
+"""Feature rows ⨝ text rows on image_id, in one process (pyarrow only). The Ray Data join of the training jobs
+produces the same records at scale; this is the path for tests, the demo and single-process evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.text import tag_string
+
+
+@dataclass
+class ImageRecord:
+    """One image: its regions (N, 2054), its tag string and every text of one kind attached to it."""
+
+    image_id: str
+    features: np.ndarray
+    od_labels: str
+    texts: list[str]
+
+
+def read_text_rows(path: str | Path) -> list[dict]:
+    """Rows of a text jsonl (image_id, text, kind, split); a bad line is an error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+            missing = {"image_id", "text", "kind", "split"} - set(row)
+            if missing:
+                raise ValueError(f"{path}:{number}: missing fields {sorted(missing)}")
+            rows.append(row)
+    return rows
+
+
+def load_image_records(features_path: str | Path, text_path: str | Path, split: str, kind: str = "caption") -> list[ImageRecord]:
+    """Join features and texts of `split` on image_id, in the features' order. Texts whose image has no features
+    are an error (they would silently shrink the dataset); images without texts of the split are skipped."""
+    table = pq.read_table(features_path, columns=["image_id", "features", "tags"])
+    texts: dict[str, list[str]] = {}
+    for row in read_text_rows(text_path):
+        if row["split"] == split and row["kind"] == kind:
+            texts.setdefault(row["image_id"], []).append(row["text"])
+    ids = table.column("image_id").to_pylist()
+    orphans = set(texts) - set(ids)
+    if orphans:
+        raise ValueError(f"{text_path}: {len(orphans)} {split} texts name images with no features, e.g. {sorted(orphans)[:3]}")
+    records = []
+    for image_id, feats, tags in zip(ids, table.column("features").to_pylist(), table.column("tags").to_pylist()):
+        if image_id in texts:
+            records.append(ImageRecord(image_id, region_matrix(feats), tag_string(tags), texts[image_id]))
+    if not records:
+        raise ValueError(f"{text_path}: no {kind} texts for split {split!r}")
+    return records

@@ -1,0 +1,1 @@
+"""Training: optimiser/schedule of the original recipe and the train loops."""

@@ -1,0 +1,34 @@
+"""AdamW with the original no-decay groups and the warmup-linear schedule (oscar-formats §7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CAPTION_NO_DECAY = ("bias", "LayerNorm.weight")  # captioning / retrieval
+PRETRAIN_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # pretraining
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, no_decay: tuple[str, ...] = CAPTION_NO_DECAY
+) -> torch.optim.AdamW:
+    """AdamW(eps 1e-8) over trainable parameters; names containing a `no_decay` entry get weight decay 0."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (plain if any(nd in name for nd in no_decay) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
+
+
+def warmup_linear(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr × step/warmup during warmup, then linear decay to 0 at total_steps."""
+    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total_steps > 0")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
