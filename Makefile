@@ -22,7 +22,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 demo: $(STAMP)
-	$(BIN)/python -m mengzi_ray.demo --out outputs/demo
+	$(BIN)/mengzi-ray demo --out outputs/demo
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
