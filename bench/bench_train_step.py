@@ -52,7 +52,7 @@ class Case:
 
 
 CASES = (
-    Case("small", 256, 4, 4, 1024, batch=16, steps_per_repeat=3),
+    Case("small", 256, 4, 4, 1024, batch=16, steps_per_repeat=5),
     Case("base", 768, 12, 12, 3072, batch=4, steps_per_repeat=2),
 )
 

@@ -59,7 +59,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Core count, platform, torch version, threads and the device the run used."""
+    """Core count, platform, torch version, threads, device, and the 1/5/15-min load average (others' work skews times)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "nproc": os.cpu_count(),
@@ -69,6 +69,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
         "device_name": name,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
