@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import interleaved_times, median, pick_device, print_table, timed, write_results
+from common import git_commit, interleaved_times, median, pick_device, print_table, timed, write_results
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.modeling import GenerationOutput, OscarConfig, OscarForCaptioning, SpecialIds
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
@@ -138,6 +138,7 @@ def run_case(case: Case, device: torch.device, work_dir: Path) -> dict[str, Any]
 def main() -> None:
     torch.set_num_threads(2)
     device = pick_device()
+    commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_case(case, device, Path(tmp)) for case in CASES]
     print(
@@ -176,7 +177,7 @@ def main() -> None:
         "inputs": "regions ~ U[0,1) of 2054-d; tags 5-12 random CJK characters (one token each)",
         "dtype": "float32",
     }
-    path = write_results(SCRIPT, device, settings, results)
+    path = write_results(SCRIPT, device, commit, settings, results)
     print(f"results: {path}")
 
 

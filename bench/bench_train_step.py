@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_decoding import write_cjk_vocab
-from common import interleaved_times, median, pick_device, print_table, timed, write_results
+from common import git_commit, interleaved_times, median, pick_device, print_table, timed, write_results
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
@@ -174,6 +174,7 @@ def run_case(case: Case, device: torch.device, vocab_dir: Path) -> dict[str, Any
 def main() -> None:
     torch.set_num_threads(2)
     device = pick_device()
+    commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         vocab_dir = Path(tmp)
         write_cjk_vocab(VOCAB, vocab_dir)
@@ -211,7 +212,7 @@ def main() -> None:
         "warmup": "one step of each model",
         "seed": SEED,
     }
-    path = write_results(SCRIPT, device, settings, results)
+    path = write_results(SCRIPT, device, commit, settings, results)
     print(f"results: {path}")
 
 

@@ -55,11 +55,12 @@ def interleaved_times(
 
 
 def median(values: Sequence[float]) -> float:
+    """The median of the timed runs (robust to one disturbed run)."""
     return statistics.median(values)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Core count, platform, torch version, threads, device, and the 1/5/15-min load average (others' work skews times)."""
+    """Core count, platform, torch version, threads, device, and the 1/5/15-min load average (others' load skews)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "nproc": os.cpu_count(),
@@ -74,22 +75,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def git_commit() -> dict[str, Any]:
-    """HEAD's commit and whether the work tree differs from it (uncommitted changes are not in that commit)."""
+    """HEAD's commit and whether code differs from it (uncommitted changes outside bench/results/)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    changed = git("status", "--porcelain", "--", ".", ":!bench/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
-def write_results(script: str, device: torch.device, settings: dict[str, Any], results: Any) -> Path:
-    """Write bench/results/<script>.json with commit, machine, settings and results; return its path."""
+def write_results(
+    script: str, device: torch.device, commit: dict[str, Any], settings: dict[str, Any], results: Any
+) -> Path:
+    """Write bench/results/<script>.json with commit (`git_commit()` taken before the run), machine, settings and
+    results; return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{script}.json"
     record = {
         "script": script,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **git_commit(),
+        **commit,
         "machine": machine_info(device),
         "settings": settings,
         "results": results,
