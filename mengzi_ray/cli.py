@@ -1,15 +1,32 @@
-"""`mengzi-ray <command>`: thin entry points; each command calls one library function."""
+"""`mengzi-ray <command> --config jobs/X.yaml [--set key=value ...]`: thin entry points.
+
+Every job command validates its card (`config.COMMANDS`) and calls one library function; `ray job submit
+--working-dir . -- mengzi-ray <command> ...` and a test calling the function directly run the same code.
+Exit status: 0 done, 1 the job failed (`JobFailed` or an exception), 2 the card or the command line is invalid.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
+from mengzi_ray.config import COMMANDS, ConfigError, JobFailed, load_card
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mengzi-ray", description=__doc__)
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mengzi-ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="synthetic data → tiny captioner → metrics → a caption, in one process")
+    for command in COMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        sub.add_argument("--config", required=True, help="job card (YAML); see jobs/README.md")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a card field by dotted path, value parsed as YAML (repeatable)",
+        )
+        sub.add_argument("--check", action="store_true", help="validate the card, print it, and exit")
+    demo = commands.add_parser("demo", help="the whole product on the embedded Ray with tiny synthetic data")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--steps", type=int, default=1000)
     synthetic = commands.add_parser("synthetic", help="write the synthetic Chinese image-caption set")
@@ -17,7 +34,37 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.add_argument("--num-train", type=int, default=200)
     synthetic.add_argument("--num-val", type=int, default=40)
     synthetic.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(name: str, config: str, overrides: list[str], check: bool = False) -> int:
+    """Validate the card of `name` and run its job; returns the exit status."""
+    command = COMMANDS[name]
+    try:
+        card = load_card(command.card_class(), config, overrides)
+    except ConfigError as exc:
+        print(f"mengzi-ray {name}: {exc}", file=sys.stderr)
+        return 2
+    if check:
+        print(card.model_dump_json(indent=2))
+        return 0
+    try:
+        summary = command.job_function()(card)
+    except ConfigError as exc:
+        print(f"mengzi-ray {name}: {exc}", file=sys.stderr)
+        return 2
+    except JobFailed as exc:
+        print(f"mengzi-ray {name}: job failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, ensure_ascii=False, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command in COMMANDS:
+        return run_command(args.command, args.config, args.overrides, args.check)
     if args.command == "demo":
         from mengzi_ray.demo import main as demo_main
 
