@@ -1,0 +1,16 @@
+"""Integration tier: one embedded local Ray per test session (address="local", num_cpus=4, dashboard on,
+because Tune driving Train needs it). Tests that must own a Ray of their own run it in a subprocess."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=True)
+    yield ray
+    ray.shutdown()
