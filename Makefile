@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test unit demo bench venv clean
+.PHONY: test unit demo bench venv clean system-deps
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# Debian packages the test suite uses: headless Chromium (web demo page test) and a CJK font (report images).
+system-deps:
+	@if [ -x /usr/bin/chromium ] && fc-list | grep -qi wqy; then echo "system packages present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei; fi
 
 clean:
 	rm -rf $(VENV) outputs

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-train", type=int, default=200)
     synthetic.add_argument("--num-val", type=int, default=40)
     synthetic.add_argument("--seed", type=int, default=0)
+    reference = commands.add_parser("config-reference", help="print the job-card reference (markdown)")
+    reference.add_argument("--write", metavar="README", help="rewrite the generated block of this file instead")
     return parser
 
 
@@ -69,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         from mengzi_ray.demo import main as demo_main
 
         return demo_main(args.out, args.steps)
+    if args.command == "config-reference":
+        from mengzi_ray import config_reference
+
+        if args.write:
+            changed = config_reference.write(args.write)
+            print(f"{args.write}: job-card reference {'updated' if changed else 'already current'}")
+        else:
+            print(config_reference.generate())
+        return 0
     from mengzi_ray.datasets import write_synthetic_dataset
 
     ds = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed)

@@ -1,0 +1,117 @@
+"""cluster/ and serve/ agree with the code: one Ray version, one image, entrypoints that exist, cards that
+validate, and resources the cluster can actually give the cards."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from mengzi_ray.config import COMMANDS, load_card
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+IMAGE = "mengzi-ray:0.1.0"
+IMAGE_ROOT = "/home/ray/mengzi_ray/"  # WORKDIR of cluster/Dockerfile
+
+
+def manifests() -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted((CLUSTER / "kuberay").glob("*.yaml"))}
+
+
+def containers(node: object) -> list[dict]:
+    """Every container spec anywhere in a manifest."""
+    found = []
+    if isinstance(node, dict):
+        if "containers" in node:
+            found.extend(node["containers"])
+        for value in node.values():
+            found.extend(containers(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(containers(value))
+    return found
+
+
+def raycluster() -> dict:
+    return manifests()["raycluster.yaml"]
+
+
+def worker_group(name: str) -> dict:
+    return next(g for g in raycluster()["spec"]["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def test_dockerfile_builds_on_the_ray_version_we_test():
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+)", text, re.M)
+    assert base, "Dockerfile must build FROM a rayproject/ray image"
+    assert base.group(1).startswith(f"{ray.__version__}-py311"), base.group(1)
+    assert f"WORKDIR {IMAGE_ROOT.rstrip('/')}" in text
+
+
+def test_every_manifest_is_ray_io_v1_on_our_image_and_version():
+    for name, doc in manifests().items():
+        assert doc["apiVersion"] == "ray.io/v1", name
+        images = {c["image"] for c in containers(doc)}
+        assert images <= {IMAGE}, (name, images)
+    assert raycluster()["spec"]["rayVersion"] == ray.__version__
+    assert raycluster()["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    aws = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    assert aws["docker"]["image"] == IMAGE
+    assert aws["available_node_types"][aws["head_node_type"]]["resources"] == {"CPU": 0}
+    assert aws["available_node_types"]["gpu_worker"]["min_workers"] == 0
+
+
+def entrypoint_jobs() -> list[tuple[str, str, Path]]:
+    """(manifest, command, card path in the repo) for every RayJob."""
+    jobs = []
+    for name, doc in manifests().items():
+        if doc["kind"] != "RayJob":
+            continue
+        words = shlex.split(doc["spec"]["entrypoint"])
+        assert words[0] == "mengzi-ray" and words[2] == "--config", (name, words)
+        card = words[3]
+        assert card.startswith(IMAGE_ROOT), (name, card)
+        jobs.append((name, words[1], ROOT / card[len(IMAGE_ROOT) :]))
+    return jobs
+
+
+def test_rayjobs_run_commands_and_cards_that_exist_and_validate():
+    jobs = entrypoint_jobs()
+    assert {command for _, command, _ in jobs} >= {"extract", "pretrain"}
+    for name, command, card_path in jobs:
+        assert command in COMMANDS, (name, command)
+        assert card_path.is_file(), (name, card_path)
+        load_card(COMMANDS[command].card_class(), card_path)
+        assert raycluster()["metadata"]["name"] == manifests()[name]["spec"]["clusterSelector"]["ray.io/cluster"]
+
+
+@pytest.mark.parametrize("card_name", ["pretrain_base.yaml", "caption_coco.yaml", "caption_aic.yaml", "retrieval_coco.yaml"])
+def test_training_cards_fit_the_gpu_group(card_name):
+    card = load_card(COMMANDS["pretrain" if card_name.startswith("pretrain") else
+                              "finetune-caption" if card_name.startswith("caption") else
+                              "finetune-retrieval"].card_class(), ROOT / "jobs" / card_name)
+    group = worker_group("gpu")
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert card.scaling.use_gpu
+    assert card.scaling.num_workers <= group["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert card.scaling.cpus_per_worker <= float(limits["cpu"])
+
+
+def test_rayservice_embeds_serve_config_verbatim():
+    service = manifests()["rayservice.yaml"]
+    assert service["kind"] == "RayService"
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    cluster_spec = service["spec"]["rayClusterConfig"]
+    assert cluster_spec["rayVersion"] == ray.__version__
+
+
+def test_runtime_env_parses_and_excludes_outputs():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert "outputs/" in env["excludes"] and ".venv/" in env["excludes"]
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
