@@ -102,13 +102,36 @@ def test_training_cards_fit_the_gpu_group(card_name):
     assert card.scaling.cpus_per_worker <= float(limits["cpu"])
 
 
-def test_rayservice_embeds_serve_config_verbatim():
+# The only values the RayService may set differently from serve/config.yaml: where things are stored and how far
+# they scale. Everything else (limits, batching, routes, auth) must be the same config.
+CLUSTER_VALUES = {"model_dir", "features", "texts", "num_gpus", "max_replicas"}
+
+
+def without_cluster_values(node: object) -> object:
+    if isinstance(node, dict):
+        return {k: without_cluster_values(v) for k, v in node.items() if k not in CLUSTER_VALUES}
+    if isinstance(node, list):
+        return [without_cluster_values(v) for v in node]
+    return node
+
+
+def test_rayservice_embeds_serve_config_with_cluster_storage_and_the_vinvl_detector():
+    from mengzi_ray.serving.settings import ServeAppConfig
+
     service = manifests()["rayservice.yaml"]
     assert service["kind"] == "RayService"
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert embedded == yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
-    cluster_spec = service["spec"]["rayClusterConfig"]
-    assert cluster_spec["rayVersion"] == ray.__version__
+    local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    args = embedded["applications"][0]["args"]
+    vinvl = yaml.safe_load((ROOT / "jobs" / "extract_vinvl.yaml").read_text())["detector"]
+    assert args["detector"]["model"] == vinvl
+    for config in (embedded, local):
+        config["applications"][0]["args"]["detector"].pop("model")
+    assert without_cluster_values(embedded) == without_cluster_values(local)
+    ServeAppConfig.model_validate({**args, "detector": {**args["detector"], "model": vinvl}})
+    uris = [args["captioner"]["model_dir"], args["retriever"]["model_dir"], *args["retriever"]["gallery"].values()]
+    assert all(u.startswith("s3://") for u in uris if isinstance(u, str) and "/" in u), uris
+    assert service["spec"]["rayClusterConfig"] == raycluster()["spec"]
 
 
 def test_runtime_env_parses_and_excludes_outputs():

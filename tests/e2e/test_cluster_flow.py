@@ -1,0 +1,124 @@
+"""The product as a cluster user runs it: `ray start --head` → `ray job submit` of the tiny extract, caption and
+retrieval fine-tune and evaluate cards → `serve deploy serve/config.yaml` → an HTTP caption request answered
+by the fine-tuned model → the head stopped by the PIDs this test started.
+
+Step counts are cut with `--set` so the tier stays within CI's budget on 2 cores; what is checked is that each
+job runs through `ray job submit` on a real head, writes its outputs where the card says, and that the deployed
+service answers from the model the caption job exported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from mengzi_ray.datasets import write_synthetic_dataset
+
+from cluster_harness import BIN, PROJECT_ROOT, RayHead, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("e2e") / "data", num_train=48, num_val=12, seed=3)
+
+
+def train_overrides(ds, runs: Path, name: str, steps: int) -> list[str]:
+    return [
+        f"data.features={ds.features_path.parent}", f"data.text={ds.text_path}", f"run.storage_path={runs}",
+        f"run.name={name}", f"schedule.max_steps={steps}", f"validation.every_steps={steps}",
+        "data.max_val_images=8",
+    ]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [part for o in overrides for part in ("--set", o)]
+
+
+def test_jobs_then_serve_deploy_then_http(ray_head: RayHead, synthetic, tmp_path: Path) -> None:
+    ds = synthetic
+    out = tmp_path
+    runs = out / "runs"
+
+    # 1. extraction over the image bucket: every input is in features/ or errors/
+    extract = out / "extracted"
+    ray_head.submit("mengzi-ray", "extract", "--config", "jobs/extract_tiny.yaml",
+                    *sets([f"input.uri={ds.images_dir}", f"output={extract}", "actors.max_size=1"]), timeout_s=600)
+    summary = json.loads((extract / "summary.json").read_text())
+    assert summary["inputs"] == ds.num_train + ds.num_val
+    assert summary["done"] == summary["inputs"] and summary["failed_total"] == 0
+
+    # 2. caption and retrieval fine-tunes (2 gloo workers each), exported model dirs
+    ray_head.submit("mengzi-ray", "finetune-caption", "--config", "jobs/caption_tiny.yaml",
+                    *sets(train_overrides(ds, runs, "caption_e2e", 40)), timeout_s=600)
+    caption_model = runs / "caption_e2e" / "model"
+    assert {"config.json", "model.safetensors", "vocab.txt"} <= {p.name for p in caption_model.iterdir()}
+    ray_head.submit("mengzi-ray", "finetune-retrieval", "--config", "jobs/retrieval_tiny.yaml",
+                    *sets(train_overrides(ds, runs, "retrieval_e2e", 20)), timeout_s=600)
+    retrieval_model = runs / "retrieval_e2e" / "model"
+    assert (retrieval_model / "model.safetensors").is_file()
+
+    # 3. evaluation of the exported captioner
+    evaluation = out / "eval"
+    ray_head.submit("mengzi-ray", "evaluate", "--config", "jobs/eval_caption_tiny.yaml",
+                    *sets([f"model_dir={caption_model}", f"features={ds.features_path.parent}",
+                           f"references={ds.text_path}", f"output_dir={evaluation}", "actors.num_actors=1",
+                           "caption.num_examples=2"]), timeout_s=600)
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["task"] == "caption" and metrics["num_images"] == ds.num_val
+
+    # 4. serve deploy of serve/config.yaml, pointed at this run's outputs
+    port = free_port()
+    config = yaml.safe_load((PROJECT_ROOT / "serve" / "config.yaml").read_text())
+    config["http_options"].update(host="127.0.0.1", port=port)
+    args = config["applications"][0]["args"]
+    args["captioner"]["model_dir"] = str(caption_model)
+    args["retriever"]["model_dir"] = str(retrieval_model)
+    args["retriever"]["gallery"].update(features=str(ds.features_path.parent), texts=str(ds.text_path))
+    for section in ("ingress", "detector", "captioner", "retriever"):
+        args[section].update(min_replicas=1, max_replicas=1)
+    deploy_file = out / "serve.yaml"
+    deploy_file.write_text(yaml.safe_dump(config, allow_unicode=True))
+    deployed = ray_head.run(str(BIN / "serve"), "deploy", str(deploy_file), "--address", ray_head.dashboard_url)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    base = f"http://127.0.0.1:{port}"
+    image = Image.open(ds.images_dir / "val" / "000000.png").convert("RGB")
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    deadline = time.monotonic() + 300
+    with httpx.Client(base_url=base, timeout=60) as client:
+        while True:  # bounded: until the app answers or the deadline passes
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                status = ray_head.run(str(BIN / "serve"), "status", "--address", ray_head.dashboard_url)
+                raise AssertionError(f"serve app not healthy after 300 s:\n{status.stdout}{status.stderr}")
+            time.sleep(3)
+        models = client.get("/v1/models").json()
+        assert str(caption_model) in json.dumps(models)
+        answer = client.post("/v1/caption", files={"image": ("val0.png", png.getvalue(), "image/png")})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["captions"] and isinstance(body["captions"][0]["caption"], str) and body["captions"][0]["caption"]
+        bad = client.post("/v1/caption", files={"image": ("x.png", b"not an image", "image/png")})
+        assert 400 <= bad.status_code < 500 and "error" in bad.text.lower()
+
+
+def test_a_failing_job_exits_non_zero_with_its_log_tail(ray_head: RayHead, tmp_path: Path) -> None:
+    card = tmp_path / "bad.yaml"
+    card.write_text("input: {uri: /nonexistent/images}\noutput: /tmp/never\ndetector: {backend: given_boxes}\n")
+    with pytest.raises(AssertionError) as info:
+        ray_head.submit("mengzi-ray", "extract", "--config", str(card), timeout_s=300)
+    assert "exited" in str(info.value) and "/nonexistent/images" in str(info.value)
