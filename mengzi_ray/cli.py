@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--check", action="store_true", help="validate the card, print it, and exit")
     demo = commands.add_parser("demo", help="the whole product on the embedded Ray with tiny synthetic data")
     demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--steps", type=int, default=1000)
+    demo.add_argument("--fast", action="store_true", help="a smoke run: a few training steps per stage")
     synthetic = commands.add_parser("synthetic", help="write the synthetic Chinese image-caption set")
     synthetic.add_argument("--out", required=True)
     synthetic.add_argument("--num-train", type=int, default=200)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from mengzi_ray.demo import main as demo_main
 
-        return demo_main(args.out, args.steps)
+        return demo_main(args.out, args.fast)
     if args.command == "config-reference":
         from mengzi_ray import config_reference
 

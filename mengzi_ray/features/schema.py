@@ -109,3 +109,21 @@ def region_matrix(features_column_value: Sequence[Sequence[float]] | np.ndarray)
     """A row's `features` cell → (N, 2054) float32 (zero rows → shape (0, 2054))."""
     arr = np.asarray(features_column_value, dtype=np.float32)
     return arr.reshape(-1, REGION_DIM)
+
+
+def region_arrays(features_column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """A `features` column → one (N_i, 2054) float32 array per row, as views of the Arrow buffers (no Python floats).
+
+    The fast path for readers of many rows (training loaders, benchmarks); region_matrix is the per-cell version.
+    The arrays are read-only views: copy before writing into them.
+    """
+    chunks = features_column.chunks if isinstance(features_column, pa.ChunkedArray) else [features_column]
+    out: list[np.ndarray] = []
+    for chunk in chunks:
+        offsets = chunk.offsets.to_numpy()  # region offsets per row (list level), honours slicing
+        regions = chunk.values  # fixed_size_list<float32, 2054>
+        values = regions.values.to_numpy(zero_copy_only=False)
+        base = regions.offset * REGION_DIM
+        matrix = values[base : base + len(regions) * REGION_DIM].reshape(-1, REGION_DIM)
+        out.extend(matrix[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+    return out

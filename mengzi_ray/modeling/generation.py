@@ -143,15 +143,22 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / self.max_length**self.length_penalty
 
 
-def _greedy(decoder: _Decoder, batch: int, ids: SpecialIds, device: torch.device) -> GenerationOutput:
+def _greedy(
+    decoder: _Decoder, batch: int, ids: SpecialIds, device: torch.device, temperature: float | None = None
+) -> GenerationOutput:
+    """Left-to-right decoding: argmax, or (temperature given) a multinomial draw from softmax(logits / T)."""
     G = decoder.G
     tokens = torch.full((batch, 1), ids.bos, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.long, device=device)
     logprobs, alive = [], []
     while tokens.shape[1] < G:
-        logits = decoder.next_logits(tokens)
-        next_token = logits.argmax(dim=-1)
-        logprobs.append(F.log_softmax(logits.float(), dim=-1).gather(1, next_token[:, None]))
+        logits = decoder.next_logits(tokens).float()
+        if temperature is None:
+            next_token = logits.argmax(dim=-1)
+        else:
+            logits = logits / temperature
+            next_token = torch.multinomial(F.softmax(logits.detach(), dim=-1), 1)[:, 0]
+        logprobs.append(F.log_softmax(logits, dim=-1).gather(1, next_token[:, None]))
         alive.append(unfinished)
         added = next_token * unfinished + ids.pad * (1 - unfinished)
         tokens = torch.cat([tokens, added[:, None]], dim=1)
@@ -244,14 +251,47 @@ def generate(
         raise ValueError(f"attention_mask must be (B, {n}, {n}) in the test layout, got {tuple(attention_mask.shape)}")
     if num_beams < 1 or num_keep_best < 1 or num_keep_best > num_beams:
         raise ValueError(f"need 1 <= num_keep_best ({num_keep_best}) <= num_beams ({num_beams})")
-    if num_beams > 1:  # every row repeated num_beams times, beams of one image adjacent
-        expand = torch.arange(batch, device=input_ids.device).repeat_interleave(num_beams)
-        input_ids, attention_mask = input_ids[expand], attention_mask[expand]
-        token_type_ids, img_feats = token_type_ids[expand], img_feats[expand]
     decoder = _Decoder(
-        trunk, lm_head, input_ids, attention_mask, token_type_ids, img_feats,
+        trunk, lm_head, *_repeat_rows(num_beams, input_ids, attention_mask, token_type_ids, img_feats),
         max_length, od_labels_start_posid, special_ids.mask, use_cache,
     )
     if num_beams == 1:
         return _greedy(decoder, batch, special_ids, input_ids.device)
     return _beam(decoder, batch, special_ids, num_beams, length_penalty, num_keep_best, input_ids.device)
+
+
+def _repeat_rows(n: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Every row repeated n times, the copies of one image adjacent (beams, samples)."""
+    if n == 1:
+        return list(tensors)
+    expand = torch.arange(tensors[0].shape[0], device=tensors[0].device).repeat_interleave(n)
+    return [t[expand] for t in tensors]
+
+
+def sample(
+    trunk: OscarModel,
+    lm_head: torch.nn.Module,
+    special_ids: SpecialIds,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    img_feats: torch.Tensor,
+    *,
+    max_length: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    od_labels_start_posid: int = 40,
+) -> GenerationOutput:
+    """`num_samples` multinomial captions per image (SCST, oscar-formats §4.4), same layout as `generate`.
+
+    Not under no_grad: `scores` (B * num_samples,) is the mean token log-prob of each sample (EOS included) under
+    softmax(logits / temperature), differentiable w.r.t. the model; `sequences` is (B * num_samples, G), the
+    samples of one image adjacent. Uses the exact key/value cache, as greedy decoding does."""
+    if num_samples < 1 or temperature <= 0:
+        raise ValueError(f"need num_samples >= 1 and temperature > 0, got {num_samples}, {temperature}")
+    decoder = _Decoder(
+        trunk, lm_head, *_repeat_rows(num_samples, input_ids, attention_mask, token_type_ids, img_feats),
+        max_length, od_labels_start_posid, special_ids.mask, True,
+    )
+    out = _greedy(decoder, input_ids.shape[0] * num_samples, special_ids, input_ids.device, temperature)
+    return GenerationOutput(out.sequences[:, 0], out.scores[:, 0])

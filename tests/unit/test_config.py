@@ -78,3 +78,12 @@ def test_cli_exits_2_on_a_bad_card(tmp_path, capsys):
     path = write(tmp_path, "bogus_key: 1\n")
     assert run_command("extract", str(path), []) == 2
     assert "bogus_key" in capsys.readouterr().err
+
+
+def test_readme_card_reference_is_current():
+    from pathlib import Path
+
+    from mengzi_ray.config_reference import current_block, generate
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert current_block(readme) == generate(), "run: mengzi-ray config-reference --write README.md"

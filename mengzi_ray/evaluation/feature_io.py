@@ -1,0 +1,50 @@
+"""Reading a region-feature dataset (DESIGN.md §3, a Parquet file or dir, local or s3://) for evaluation.
+
+The driver reads only the ``image_id`` column to plan (:func:`feature_ids`); small galleries (retrieval: ≤ 5k
+images) are loaded whole (:func:`load_regions`); caption inference streams the dataset through Ray Data
+(:func:`read_feature_dataset`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.storage import filesystem_for
+from mengzi_ray.text import tag_string
+
+EVAL_COLUMNS = ["image_id", "features", "tags", "source"]
+
+
+def feature_ids(uri: str) -> list[str]:
+    """Every image_id of the dataset, in storage order. FileNotFoundError when nothing is at ``uri``."""
+    fs, path = filesystem_for(uri)
+    try:
+        table = pq.read_table(path, columns=["image_id"], filesystem=fs)
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"{uri}: cannot read a feature dataset ({exc})") from None
+    return table.column("image_id").to_pylist()
+
+
+def load_regions(uri: str, image_ids: list[str]) -> dict[str, tuple[np.ndarray, str, str]]:
+    """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids."""
+    fs, path = filesystem_for(uri)
+    table = pq.read_table(path, columns=EVAL_COLUMNS, filesystem=fs, filters=pc.field("image_id").isin(image_ids))
+    out = {}
+    for row in table.to_pylist():
+        out[row["image_id"]] = (region_matrix(row["features"]), tag_string(row["tags"]), row["source"])
+    return out
+
+
+def read_feature_dataset(uri: str, image_ids: list[str]) -> Any:
+    """A Ray Dataset of the given images' rows (EVAL_COLUMNS), filtered with an Arrow predicate expression."""
+    import ray.data
+    from ray.data.expressions import col
+
+    fs, path = filesystem_for(uri)
+    dataset = ray.data.read_parquet(path, filesystem=fs, columns=EVAL_COLUMNS)
+    return dataset.filter(expr=col("image_id").is_in(image_ids))

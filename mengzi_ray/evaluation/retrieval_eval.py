@@ -1,0 +1,240 @@
+"""Retrieval evaluation at scale: every (image, caption) pair scored by the match classifier across Ray actors.
+
+The pair space follows Oscar's ``--cross_image_eval`` (oscar-formats §5): with N images and T = N·k texts, pair
+``p`` is image ``p // T`` with text ``p % T``, so the flat score vector reshapes to (N, T). The re-rank mode scores
+listed (image, text) pairs instead (:class:`ListedPairs`).
+
+Determinism: the pair range is cut into chunks of ``chunk_size`` pairs, a multiple of ``batch_size``; an actor
+scores a chunk in ``batch_size`` slices aligned to the global pair index, so every pair sits in the same batch, at
+the same row, whatever the number of actors or the chunk size — the scores, and hence the ranks, are bit-identical.
+
+Called by the evaluate job (:mod:`mengzi_ray.evaluation.jobs`) and ``bench/bench_eval.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from mengzi_ray.data.retrieval import MaskType, RetrievalLayout, RetrievalTensorizer
+from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.text import load_tokenizer
+from mengzi_ray.training.caption_local import collate
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats")
+
+
+@dataclass
+class Gallery:
+    """N images (regions (n_i, 2054), tag string) and their T texts; ``text_to_image[j]`` = image index of text j.
+
+    Texts are grouped by image in image order (k per image in the cross-image protocol)."""
+
+    image_ids: list[str]
+    regions: list[np.ndarray]
+    od_labels: list[str]
+    texts: list[str]
+    text_to_image: np.ndarray
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_texts(self) -> int:
+        return len(self.texts)
+
+
+def build_gallery(
+    image_ids: Sequence[str],
+    references: dict[str, list[str]],
+    regions: dict[str, tuple[np.ndarray, str, str]],
+    captions_per_image: int,
+) -> Gallery:
+    """Gallery of ``image_ids`` with the first ``captions_per_image`` references of each.
+
+    ``regions``: image_id → (regions, od-label string, source), as :func:`feature_io.load_regions` returns.
+    Raises ValueError for an empty gallery, an image without features, or images with fewer than k captions
+    (they would make the text set, and the i2t denominator, silently uneven).
+    """
+    if not image_ids:
+        raise ValueError("empty gallery: no images to rank")
+    no_features = [i for i in image_ids if i not in regions]
+    if no_features:
+        raise ValueError(f"{len(no_features)} gallery images have no features, e.g. {no_features[:5]}")
+    short = [i for i in image_ids if len(references.get(i, ())) < captions_per_image]
+    if short:
+        raise ValueError(
+            f"{len(short)} of {len(image_ids)} gallery images have fewer than {captions_per_image} captions, "
+            f"e.g. {short[:5]}"
+        )
+    texts = [t for i in image_ids for t in references[i][:captions_per_image]]
+    return Gallery(
+        image_ids=list(image_ids),
+        regions=[regions[i][0] for i in image_ids],
+        od_labels=[regions[i][1] for i in image_ids],
+        texts=texts,
+        text_to_image=np.repeat(np.arange(len(image_ids)), captions_per_image),
+    )
+
+
+class PairIndex(Protocol):
+    """Maps a global pair index range to (image indices, text indices)."""
+
+    num_pairs: int
+
+    def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class CrossPairs:
+    """Every image with every text, image-major: pair p = (p // num_texts, p % num_texts)."""
+
+    num_images: int
+    num_texts: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_images * self.num_texts
+
+    def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        index = np.arange(start, stop)
+        return index // self.num_texts, index % self.num_texts
+
+
+@dataclass(frozen=True)
+class ListedPairs:
+    """Explicit (image, text) index pairs, e.g. the re-rank candidate lists."""
+
+    images: np.ndarray
+    texts: np.ndarray
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.images)
+
+    def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[start:stop], self.texts[start:stop]
+
+
+class PairScorer:
+    """One model actor: match scores softmax(logits)[:, 1] for ranges of the pair index.
+
+    The layout (max_seq_length, max_img_seq_length, add_od_labels) is the model's OscarConfig; ``att_mask_type``
+    must be the one it was trained with. Plain class: the job wraps it with ``ray.remote``; tests use it directly.
+    """
+
+    def __init__(
+        self, model_dir: str, gallery: Gallery, pairs: PairIndex, batch_size: int, att_mask_type: MaskType, use_gpu: bool
+    ) -> None:
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device)
+        config = self.model.config
+        layout = RetrievalLayout(
+            max_seq_length=config.max_seq_length,
+            max_img_seq_length=config.max_img_seq_length,
+            img_feature_dim=config.img_feature_dim,
+            add_od_labels=config.add_od_labels,
+            att_mask_type=att_mask_type,
+        )
+        self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir), layout)
+        self.gallery = gallery
+        self.index = pairs
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, start: int, stop: int) -> tuple[int, np.ndarray]:
+        """Scores of pairs [start, stop) as float32; ``start`` must be a multiple of batch_size. Returns (start, scores)."""
+        if start % self.batch_size:
+            raise ValueError(f"chunk start {start} is not a multiple of batch_size {self.batch_size}")
+        g = self.gallery
+        out = []
+        for lo in range(start, stop, self.batch_size):
+            images, texts = self.index.pairs(lo, min(lo + self.batch_size, stop))
+            examples = [self.tensorizer.example(g.texts[t], g.od_labels[i], g.regions[i]) for i, t in zip(images, texts)]
+            batch = collate(examples, self.device)
+            logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            out.append(OscarForRetrieval.match_score(logits).cpu().numpy())
+        return start, np.concatenate(out).astype(np.float32)
+
+
+def score_pairs(
+    model_dir: str,
+    gallery: Gallery,
+    pairs: PairIndex,
+    *,
+    num_actors: int,
+    chunk_size: int,
+    batch_size: int,
+    att_mask_type: MaskType = "CLR",
+    num_gpus_per_actor: float = 0.0,
+    num_cpus_per_actor: float = 1.0,
+) -> np.ndarray:
+    """Score every pair of ``pairs`` with ``num_actors`` Ray actors; returns (num_pairs,) float32 (Ray must be up).
+
+    Raises ValueError when chunk_size is not a multiple of batch_size (that would make scores depend on chunking)
+    or there are no pairs.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    if chunk_size % batch_size:
+        raise ValueError(f"chunk_size {chunk_size} must be a multiple of batch_size {batch_size}")
+    total = pairs.num_pairs
+    if total == 0:
+        raise ValueError("no pairs to score (empty gallery)")
+    actor_cls = ray.remote(PairScorer).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
+    gallery_ref = ray.put(gallery)
+    actors = [
+        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, att_mask_type, num_gpus_per_actor > 0)
+        for _ in range(min(num_actors, -(-total // chunk_size)))
+    ]
+    scores = np.full(total, np.nan, dtype=np.float32)
+    chunks = [(lo, min(lo + chunk_size, total)) for lo in range(0, total, chunk_size)]
+    try:
+        done = 0
+        for start, chunk_scores in ActorPool(actors).map_unordered(lambda a, c: a.score.remote(*c), chunks):
+            scores[start : start + len(chunk_scores)] = chunk_scores
+            done += len(chunk_scores)
+            log.debug("scored %d / %d pairs", done, total)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    unscored = int(np.isnan(scores).sum())
+    if unscored:
+        raise RuntimeError(f"{unscored} of {total} pairs came back unscored")
+    return scores
+
+
+def rerank_pairs(
+    gallery: Gallery, candidates: dict[str, list[tuple[str, int]]], captions_per_image: int
+) -> tuple[ListedPairs, np.ndarray, list[str]]:
+    """Candidate lists → (pairs, labels (Q, C) bool, query image ids), Q queries × C candidates each.
+
+    ``candidates``: query image_id → list of (image_id, caption index) pairs (Oscar's top-20 file layout). Every
+    query and candidate image must be in the gallery, every caption index < k and every list the same length;
+    otherwise ValueError with counts.
+    """
+    if not candidates:
+        raise ValueError("empty candidate file: no query images")
+    position = {image_id: n for n, image_id in enumerate(gallery.image_ids)}
+    lengths = {len(v) for v in candidates.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"every query needs the same non-zero number of candidates, got lengths {sorted(lengths)}")
+    unknown = sorted({q for q in candidates if q not in position} | {c for v in candidates.values() for c, _ in v if c not in position})
+    if unknown:
+        raise ValueError(f"{len(unknown)} candidate-file images are not in the gallery, e.g. {unknown[:5]}")
+    bad_index = sum(1 for v in candidates.values() for _, j in v if not 0 <= int(j) < captions_per_image)
+    if bad_index:
+        raise ValueError(f"{bad_index} candidates have a caption index outside 0..{captions_per_image - 1}")
+    queries = list(candidates)
+    images = np.array([position[q] for q in queries for _ in candidates[q]], dtype=np.int64)
+    texts = np.array([position[c] * captions_per_image + int(j) for q in queries for c, j in candidates[q]], dtype=np.int64)
+    labels = (gallery.text_to_image[texts] == images).reshape(len(queries), -1)
+    return ListedPairs(images, texts), labels, queries

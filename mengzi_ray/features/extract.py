@@ -1,0 +1,243 @@
+"""`mengzi-ray extract`: images → region-feature Parquet (features/) + one error row per failed input (errors/).
+
+Pipeline (Ray Data, per chunk of `card.chunk_size` inputs): inputs (features.inputs) → read + decode tasks (try/except
+per row) → detector actors (`ActorPoolStrategy(min_size, max_size)`, `num_cpus`/`num_gpus`/`batch_size` from the
+card; a detector failure on a batch is retried image by image, so only the failing image is lost) → materialize →
+`features/` (FEATURES_SCHEMA) and `errors/` (ERRORS_SCHEMA). Every input of a chunk lands in exactly one of them,
+and the job checks that count before writing. A chunk is the unit of resume: re-running the same card skips every
+image_id already present in features/ or errors/, so nothing is recomputed or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from mengzi_ray import storage
+from mengzi_ray.config import JobFailed
+from mengzi_ray.features.card import DetectorSection, ExtractCard
+from mengzi_ray.features.decode import decode_image
+from mengzi_ray.features.detectors.base import Detections, build_detector, detections_to_row
+from mengzi_ray.features.inputs import list_inputs, read_uri
+from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
+
+log = logging.getLogger(__name__)
+
+STAGES = ("read", "decode", "detect")
+# Decoded images travel between the decode tasks and the detector actors as raw RGB bytes plus their size.
+DECODED_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("image_id", pa.string()),
+        ("boxes_json", pa.string()),
+        ("labels_json", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("pixels", pa.large_binary()),
+        ("stage", pa.string()),  # "" = ok so far, else the stage that failed
+        ("error", pa.string()),
+    ]
+)
+RESULT_SCHEMA = pa.schema(list(FEATURES_SCHEMA) + [pa.field("stage", pa.string()), pa.field("error", pa.string())])
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def read_and_decode(batch: pa.Table, max_pixels: int) -> pa.Table:
+    """Decode task: input rows → DECODED_SCHEMA rows; a failing row gets stage read/decode and its reason."""
+    rows = []
+    for row in batch.to_pylist():
+        out = {**row, "width": 0, "height": 0, "pixels": b"", "stage": "", "error": ""}
+        try:
+            data = read_uri(row["source"])
+        except Exception as exc:  # one unreadable object must not fail the block
+            rows.append({**out, "stage": "read", "error": _message(exc)})
+            continue
+        try:
+            image = decode_image(data, max_pixels)
+        except Exception as exc:
+            rows.append({**out, "stage": "decode", "error": _message(exc)})
+            continue
+        rows.append({**out, "height": image.shape[0], "width": image.shape[1], "pixels": image.tobytes()})
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def _failed_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
+    return {
+        **{name: [] for name in FEATURES_SCHEMA.names},
+        "image_id": row["image_id"],
+        "source": row["source"],
+        "width": row["width"],
+        "height": row["height"],
+        "detector": "",
+        "stage": stage,
+        "error": error,
+    }
+
+
+class DetectorActor:
+    """The detector stage: one detector per actor, called on batches of DECODED_SCHEMA rows → RESULT_SCHEMA rows."""
+
+    def __init__(self, section: dict[str, Any]) -> None:
+        self.detector = build_detector(DetectorSection.model_validate(section))
+
+    def _detect_one(self, image: np.ndarray, boxes: np.ndarray | None) -> Detections:
+        return self.detector.detect([image], [boxes])[0]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        ok = [r for r in rows if not r["stage"]]
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in ok]
+        boxes = [np.asarray(json.loads(r["boxes_json"]), np.float32) if r["boxes_json"] else None for r in ok]
+        try:
+            found: list[Detections | Exception] = list(self.detector.detect(images, boxes))
+        except Exception:  # find out which image failed: run them one by one
+            found = []
+            for image, given in zip(images, boxes):
+                try:
+                    found.append(self._detect_one(image, given))
+                except Exception as exc:
+                    found.append(exc)
+        by_id = {r["image_id"]: d for r, d in zip(ok, found)}
+        out = []
+        for row in rows:
+            result = by_id.get(row["image_id"])
+            if row["stage"]:
+                out.append(_failed_row(row, row["stage"], row["error"]))
+                continue
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                if row["labels_json"]:
+                    result.labels = json.loads(row["labels_json"])
+                    if len(result.labels) != len(result.boxes):
+                        raise ValueError(f"{len(result.labels)} manifest labels for {len(result.boxes)} boxes")
+                feature = detections_to_row(
+                    result, image_id=row["image_id"], source=row["source"], width=row["width"],
+                    height=row["height"], detector=self.detector.name,
+                )
+                out.append({**feature, "stage": "", "error": ""})
+            except Exception as exc:
+                out.append(_failed_row(row, "detect", _message(exc)))
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def existing_ids(output: str) -> set[str]:
+    """image_ids already in <output>/features and <output>/errors (empty when the dataset does not exist yet)."""
+    fs, root = storage.filesystem_for(output)
+    ids: set[str] = set()
+    for part in ("features", "errors"):
+        path = f"{root.rstrip('/')}/{part}"
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            continue
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id"])
+        ids.update(table.column("image_id").to_pylist())
+    return ids
+
+
+def _features_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch["stage"], "")).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
+
+
+def _errors_only(batch: pa.Table, job_id: str) -> pa.Table:
+    failed = batch.filter(pc.not_equal(batch["stage"], ""))
+    table = failed.select(["source", "image_id", "stage", "error"])
+    return table.append_column("job_id", pa.array([job_id] * len(table), pa.string())).cast(ERRORS_SCHEMA)
+
+
+def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_cls: type = DetectorActor) -> dict:
+    """Extract one chunk of inputs and append its rows to features/ and errors/. Returns {done, failed: {stage: n}}.
+
+    actor_cls: the detector stage's callable class (tests pass a subclass that injects failures).
+    """
+    import ray.data
+
+    fs, root = storage.filesystem_for(card.output)
+    root = root.rstrip("/")
+    blocks = max(1, math.ceil(len(rows) / card.input.rows_per_block))
+    decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels}, batch_format="pyarrow",
+        batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
+    )
+    results = decoded.map_batches(
+        actor_cls,
+        fn_constructor_kwargs={"section": card.detector.model_dump()},
+        compute=ray.data.ActorPoolStrategy(min_size=card.actors.min_size, max_size=card.actors.max_size),
+        num_cpus=card.actors.num_cpus,
+        num_gpus=card.actors.num_gpus or None,
+        batch_size=card.actors.batch_size,
+        batch_format="pyarrow",
+    ).materialize()
+    stages = pa.concat_tables(ray.get(results.select_columns(["image_id", "stage"]).to_arrow_refs()))
+    if len(stages) != len(rows) or set(stages.column("image_id").to_pylist()) != {r["image_id"] for r in rows}:
+        raise JobFailed(f"chunk of {len(rows)} inputs produced {len(stages)} rows: refusing to write it")
+    counts = {s: 0 for s in STAGES}
+    for stage in stages.column("stage").to_pylist():
+        if stage:
+            counts[stage] = counts.get(stage, 0) + 1
+    done = len(rows) - sum(counts.values())
+    if done:
+        results.map_batches(_features_only, batch_format="pyarrow").write_parquet(f"{root}/features", filesystem=fs)
+    if done < len(rows):
+        results.map_batches(_errors_only, fn_kwargs={"job_id": job_id}, batch_format="pyarrow").write_parquet(
+            f"{root}/errors", filesystem=fs
+        )
+    return {"done": done, "failed": counts}
+
+
+def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str, Any]:
+    """The extract job (see module docstring). Returns and writes <output>/summary.json:
+    {job_id, inputs, skipped, processed, done, failed: {read, decode, detect}, failed_total, seconds,
+    images_per_s, output}. Raises JobFailed (after writing) when failed_total / processed > max_error_fraction."""
+    from mengzi_ray.ray_runtime import ensure_ray
+
+    ensure_ray(card.ray)
+    job_id = card.job_id or f"extract-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    inputs = list_inputs(card.input)
+    present = existing_ids(card.output)
+    todo = [r for r in inputs if r["image_id"] not in present]
+    start = time.perf_counter()
+    done, failed = 0, {s: 0 for s in STAGES}
+    for first in range(0, len(todo), card.chunk_size):
+        chunk = run_chunk(card, todo[first : first + card.chunk_size], job_id, actor_cls)
+        done += chunk["done"]
+        for stage, n in chunk["failed"].items():
+            failed[stage] = failed.get(stage, 0) + n
+        log.info("extract %s: %d/%d inputs processed", job_id, first + len(todo[first : first + card.chunk_size]),
+                 len(todo))
+    seconds = time.perf_counter() - start
+    failed_total = sum(failed.values())
+    summary = {
+        "job_id": job_id,
+        "inputs": len(inputs),
+        "skipped": len(inputs) - len(todo),
+        "processed": len(todo),
+        "done": done,
+        "failed": failed,
+        "failed_total": failed_total,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0,
+        "output": card.output,
+    }
+    fs, root = storage.filesystem_for(card.output)
+    fs.create_dir(root.rstrip("/"), recursive=True)
+    with fs.open_output_stream(f"{root.rstrip('/')}/summary.json") as f:
+        f.write(json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+    if todo and failed_total / len(todo) > card.max_error_fraction:
+        raise JobFailed(
+            f"extract {job_id}: {failed_total} of {len(todo)} inputs failed ({failed}), above max_error_fraction="
+            f"{card.max_error_fraction}; see {card.output}/errors"
+        )
+    return summary

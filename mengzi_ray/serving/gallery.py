@@ -1,0 +1,89 @@
+"""The searchable gallery: images (region vectors + Chinese tags) and captions, read from a feature dataset.
+
+Loaded by the `Retriever` deployment at start-up and when `user_config.gallery` changes; readable without Ray.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mengzi_ray.data.records import read_text_rows
+
+from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.serving.captioning import RegionSet
+from mengzi_ray.serving.settings import GallerySection
+from mengzi_ray.storage import filesystem_for, is_remote
+
+@dataclass
+class Gallery:
+    """Images in dataset order and the caption gallery (captions of the chosen split, each naming its image)."""
+
+    image_ids: list[str]
+    regions: list[RegionSet]
+    sources: list[str]
+    captions: list[str]
+    caption_image_ids: list[str]
+
+    def __post_init__(self) -> None:
+        self.index_of = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        if len(self.index_of) != len(self.image_ids):
+            raise ValueError("gallery image_ids are not unique")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def local_image(self, image_id: str) -> Path | None:
+        """The gallery image's file when its source is a local file that exists (the demo page shows it)."""
+        index = self.index_of.get(image_id)
+        if index is None:
+            return None
+        source = self.sources[index]
+        path = Path(source.removeprefix("file://")) if source.startswith(("file://", "/")) else None
+        return path if path is not None and path.is_file() else None
+
+
+def read_caption_rows(uri: str, split: str | None) -> tuple[list[str], list[str]]:
+    """(captions, their image_ids) of a text jsonl (local or s3://), of one split or all."""
+    if is_remote(uri):
+        fs, path = filesystem_for(uri)
+        with tempfile.TemporaryDirectory() as tmp, fs.open_input_stream(path) as stream:
+            local = Path(tmp) / "text.jsonl"
+            local.write_bytes(stream.read())
+            rows = read_text_rows(local)
+    else:
+        rows = read_text_rows(uri)
+    chosen = [r for r in rows if r["kind"] == "caption" and (split is None or r["split"] == split)]
+    return [str(r["text"]) for r in chosen], [str(r["image_id"]) for r in chosen]
+
+
+def load_gallery(section: GallerySection) -> Gallery:
+    """Read the features (and captions) the section names. With `texts` and `split`, the gallery is the images that
+    have captions of that split; captions of images outside the gallery are dropped, so every hit names its image."""
+    fs, path = filesystem_for(section.features)
+    table = pq.read_table(path, filesystem=fs, columns=["image_id", "source", "features", "tags"])
+    captions: list[str] = []
+    caption_ids: list[str] = []
+    if section.texts is not None:
+        captions, caption_ids = read_caption_rows(section.texts, section.split)
+        if section.split is not None:
+            table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(set(caption_ids)), pa.string())))
+    if section.max_images is not None:
+        table = table.slice(0, section.max_images)
+    if table.num_rows == 0:
+        raise ValueError(f"{section.features}: no gallery images (split={section.split!r}, max_images={section.max_images})")
+    image_ids = table.column("image_id").to_pylist()
+    regions = [
+        RegionSet(region_matrix(feats), list(tags))
+        for feats, tags in zip(table.column("features").to_pylist(), table.column("tags").to_pylist())
+    ]
+    known = set(image_ids)
+    kept = [(text, image_id) for text, image_id in zip(captions, caption_ids) if image_id in known]
+    captions, caption_ids = [t for t, _ in kept], [i for _, i in kept]
+    return Gallery(image_ids, regions, table.column("source").to_pylist(), captions, caption_ids)
+

@@ -1,0 +1,232 @@
+"""Training job cards: `pretrain`, `finetune-caption` (cross-entropy or SCST), `finetune-retrieval`.
+
+`TrainCard` holds what every task shares (Ray, scaling, run, data, model init, optimiser, batch, schedule,
+validation, checkpoints); the subclasses add the task's input layout and loss settings. Pydantic checks types,
+ranges and cross-field rules (batch divisibility, checkpoint cadence) when the card is loaded; what needs the
+file system (datasets exist, feature dim) is checked by `jobs.check_inputs` before any worker starts.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from mengzi_ray.config import Card, RaySection, RunSection, ScalingSection, Section
+
+
+class DataSection(Section):
+    """Feature rows (Parquet dir or file, local or s3://) ⨝ text rows (jsonl: image_id, text, kind, split)."""
+
+    features: str = Field(..., description="region-feature Parquet dataset (DESIGN §3)")
+    text: str = Field(..., description="text rows jsonl: image_id, text, kind, split")
+    train_split: str = "train"
+    val_split: str = "val"
+    kind: Literal["caption", "question"] = Field("caption", description="which text rows are text_a / captions")
+    max_val_images: int = Field(64, ge=2, description="validation images (first N of the val split)")
+    cache_in_workers: bool = Field(
+        False, description="keep each worker's shard in memory after the first epoch (small datasets only)"
+    )
+    shuffle_buffer: int = Field(1024, ge=1, description="rows in each worker's local shuffle buffer (with block order randomised per epoch)")
+
+
+class TinyArchitecture(Section):
+    """A random-init BERT trunk with a vocab built from the training texts and tags (tests, demo)."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TinyArchitecture":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+        return self
+
+
+class ModelSection(Section):
+    """Exactly one initialisation: a model dir of ours/the original, a BERT MLM dir, or a tiny random model."""
+
+    init_from: str | None = Field(None, description="model dir (config.json + weights + vocab.txt)")
+    from_bert: str | None = Field(None, description="BERT MLM dir (Mengzi-BERT-base) initialising bert.*")
+    tiny: TinyArchitecture | None = None
+    img_feature_dim: int = Field(2054, ge=1, description="region vector size the features must have")
+    use_img_layernorm: bool = True
+
+    @model_validator(mode="after")
+    def _one_init(self) -> "ModelSection":
+        chosen = [n for n in ("init_from", "from_bert", "tiny") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one of init_from, from_bert, tiny (got {chosen or 'none'})")
+        return self
+
+
+class OptimSection(Section):
+    learning_rate: float = Field(..., gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    max_grad_norm: float = Field(1.0, description="clip the global grad norm; <= 0 disables clipping")
+    amp: bool = Field(True, description="bf16 autocast on GPU workers (CPU workers always run fp32)")
+    seed: int = 88
+
+
+class BatchSection(Section):
+    """The card states the global batch, as the original does; accumulation makes up the difference."""
+
+    global_batch_size: int = Field(..., ge=1)
+    per_worker_batch_size: int = Field(..., ge=1)
+
+
+class ScheduleSection(Section):
+    max_steps: int = Field(..., ge=1, description="optimizer steps (the original's epochs × steps per epoch)")
+
+
+class ValidationSection(Section):
+    every_steps: int = Field(..., ge=1, description="validate (and report) every N optimizer steps and at the end")
+    batch_size: int = Field(32, ge=1)
+
+
+class CheckpointSection(Section):
+    every_steps: int | None = Field(None, ge=1, description="full-state checkpoint cadence; None = every validation")
+    num_to_keep: int = Field(2, ge=1, description="K best by `metric` (the latest is always kept too)")
+    metric: str = Field(..., description="reported metric to rank checkpoints by, e.g. val_cider")
+    mode: Literal["max", "min"] = "max"
+
+
+class FaultDrillSection(Section):
+    """Inject one worker failure (recovery drills and tests): rank `rank` raises once at optimizer step `at_step`."""
+
+    at_step: int = Field(..., ge=1)
+    rank: int = Field(0, ge=0)
+
+
+class TrainCard(Card):
+    """What every training task shares."""
+
+    ray: RaySection = RaySection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection
+    data: DataSection
+    model: ModelSection
+    optim: OptimSection
+    batch: BatchSection
+    schedule: ScheduleSection
+    validation: ValidationSection
+    checkpoint: CheckpointSection
+    fault_drill: FaultDrillSection | None = None
+
+    task: ClassVar[str] = "train"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainCard":
+        per_step = self.batch.per_worker_batch_size * self.scaling.num_workers
+        if self.batch.global_batch_size % per_step:
+            raise ValueError(
+                f"batch.global_batch_size {self.batch.global_batch_size} is not divisible by "
+                f"batch.per_worker_batch_size × scaling.num_workers = {per_step}"
+            )
+        if self.optim.warmup_steps > self.schedule.max_steps:
+            raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} > schedule.max_steps {self.schedule.max_steps}")
+        every = self.checkpoint.every_steps
+        if every is not None and every % self.validation.every_steps:
+            raise ValueError(
+                f"checkpoint.every_steps {every} must be a multiple of validation.every_steps "
+                f"{self.validation.every_steps} (every checkpoint carries the metric it is ranked by)"
+            )
+        if self.checkpoint.metric not in self.metric_names():
+            raise ValueError(f"checkpoint.metric {self.checkpoint.metric!r} is not one of {self.metric_names()}")
+        if self.fault_drill and self.fault_drill.rank >= self.scaling.num_workers:
+            raise ValueError(f"fault_drill.rank {self.fault_drill.rank} >= scaling.num_workers {self.scaling.num_workers}")
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch.global_batch_size // (self.batch.per_worker_batch_size * self.scaling.num_workers)
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.checkpoint.every_steps or self.validation.every_steps
+
+    def metric_names(self) -> tuple[str, ...]:
+        """Metrics this task reports on validation (what checkpoint.metric may name)."""
+        return ("train_loss", "val_loss")
+
+
+class CaptionSection(Section):
+    """Captioning layout and loss (oscar-formats §3.1, §2.5, §7)."""
+
+    max_seq_a_length: int = Field(40, ge=3)
+    max_seq_length: int = Field(70, ge=3)
+    max_img_seq_length: int = Field(50, ge=1)
+    mask_prob: float = Field(0.15, gt=0, le=1)
+    max_masked_tokens: int = Field(3, ge=1)
+    add_od_labels: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    drop_worst_ratio: float = Field(0.0, ge=0, lt=1)
+    drop_worst_after: int = Field(0, ge=0)
+    tie_weights: bool = False
+    freeze_embedding: bool = False
+    num_beams: int = Field(5, ge=1, description="validation decoding")
+    max_gen_length: int = Field(20, ge=2, description="validation decoding, [CLS]/[SEP] included")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "CaptionSection":
+        if self.max_seq_a_length > self.max_seq_length:
+            raise ValueError(f"max_seq_a_length {self.max_seq_a_length} > max_seq_length {self.max_seq_length}")
+        return self
+
+
+class ScstSection(Section):
+    """Self-critical sequence training (oscar-formats §4.4): k sampled captions per image, greedy baseline."""
+
+    sample_n: int = Field(5, ge=1)
+    baseline: Literal["greedy"] = "greedy"
+    temperature: float = Field(1.0, gt=0)
+
+
+class CaptionCard(TrainCard):
+    task: ClassVar[str] = "caption"
+    caption: CaptionSection = CaptionSection()
+    scst: ScstSection | None = Field(None, description="present: SCST with CIDEr-D reward instead of cross-entropy")
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("train_loss", "val_loss", "val_cider")
+
+
+class RetrievalSection(Section):
+    """Retrieval layout (oscar-formats §3.2, §5)."""
+
+    max_seq_length: int = Field(70, ge=3)
+    max_img_seq_length: int = Field(50, ge=1)
+    add_od_labels: bool = True
+    att_mask_type: Literal["CLR", "CL", "CR", "LR"] = "CLR"
+    val_captions_per_image: int = Field(5, ge=1, description="texts per val image in the cross-image gallery")
+
+
+class RetrievalCard(TrainCard):
+    task: ClassVar[str] = "retrieval"
+    retrieval: RetrievalSection = RetrievalSection()
+
+    def metric_names(self) -> tuple[str, ...]:
+        ranks = tuple(f"val_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+        return ("train_loss", "val_loss", *ranks, "val_rsum")
+
+
+class PretrainSection(Section):
+    """Oscar+ pretraining layout (oscar-formats §2.6)."""
+
+    max_seq_length: int = Field(35, ge=4)
+    max_img_seq_length: int = Field(50, ge=1)
+    mlm_prob: float = Field(0.15, gt=0, le=1)
+    texta_false_prob: float = Field(0.25, ge=0, le=1)
+    negative_pool_size: int = Field(4096, ge=2, description="recent rows per worker that negatives are drawn from")
+
+
+class PretrainCard(TrainCard):
+    task: ClassVar[str] = "pretrain"
+    pretrain: PretrainSection = PretrainSection()
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("train_loss", "val_loss", "val_mlm_acc")

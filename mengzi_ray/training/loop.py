@@ -1,0 +1,235 @@
+"""The per-worker train loop (one function for every task), run by Ray Train's TorchTrainer on each worker.
+
+Per optimizer step: `accumulation` micro-batches of `per_worker_batch_size` rows from this worker's shard
+(DDP gradient sync only on the last), bf16 autocast on GPU, clip, AdamW step, then the warmup-linear scheduler.
+Every `validation.every_steps` steps (and at the end) rank 0 validates and every rank calls `ray.train.report`
+(a barrier); every `checkpoint_every` steps rank 0 attaches a full-state checkpoint:
+
+    config.json, model.safetensors, vocab.txt   a model dir: `from_pretrained` loads a checkpoint directly
+    train_state.pt                              optimizer, scheduler, step, data position (epoch, batches into it),
+                                                RNG (torch + numpy of rank 0), task state (drop-worst counter)
+    history.json                                every metrics dict reported so far (the driver writes the metrics
+                                                file and plots from the final checkpoint's copy)
+
+Restore (`ray.train.get_checkpoint()`, after a worker failure or when a run of the same name is re-submitted)
+loads all of it; rank 0 continues its RNG streams, other ranks re-seed from (seed, rank, step). The data position
+is honoured by skipping that many batches of the resumed epoch, which is a fresh shuffle, so the epoch still
+delivers its number of batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from mengzi_ray import storage
+from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.text import load_tokenizer
+from mengzi_ray.training.card import TrainCard
+from mengzi_ray.training.examples import to_records
+from mengzi_ray.training.optim import build_optimizer, warmup_linear
+from mengzi_ray.training.tasks import NegativePool, Task, task_for
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+FAULT_MARKER = "fault_drill_fired"
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches: int = 0  # micro-batches consumed in `epoch`
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def micro_batches(
+    shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache_rng: np.random.Generator | None = None
+) -> Iterator[list[ImageRecord]]:
+    """Endless micro-batches of joined rows, epoch after epoch; `position` is updated as batches are taken, and
+    a non-zero `position.batches` at the start skips that many batches of the resumed epoch.
+
+    With `cache_rng` (data.cache_in_workers) the first epoch streams from the shard and keeps its rows; later
+    epochs re-shuffle those rows with `cache_rng` instead of re-running the Ray Data pipeline (small datasets,
+    where a pipeline execution per epoch would cost more than the epoch)."""
+    skip = position.batches
+    cache: list[ImageRecord] = []
+    while True:
+        if cache:
+            order = cache_rng.permutation(len(cache))
+            epoch = ([cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size))
+        else:
+            epoch = (to_records(b) for b in shard.iter_batches(
+                batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer
+            ))
+        filling = cache_rng is not None and not cache
+        for rows in epoch:
+            if filling:
+                cache.extend(rows)
+            if skip:
+                skip -= 1
+                continue
+            position.batches += 1
+            yield rows
+        position.epoch += 1
+        position.batches = 0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"card": TrainCard (pickled by Ray), "init_dir": model dir to start from,
+    "from_bert": bool, "run_dir": URI of the run (fault-drill marker)}."""
+    import ray.train
+    import ray.train.torch
+
+    card: TrainCard = config["card"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    init_dir = storage.download_dir(config["init_dir"])
+    task = task_for(card, load_tokenizer(init_dir))
+    core = task.model_class.from_pretrained(init_dir, from_bert=config["from_bert"], **task.config_overrides())
+    core.to(device)
+    optimizer = build_optimizer(core, card.optim.learning_rate, card.optim.weight_decay, task.no_decay)
+    scheduler = warmup_linear(optimizer, card.optim.warmup_steps, card.schedule.max_steps)
+    rng = np.random.default_rng([card.optim.seed, rank])
+    torch.manual_seed(card.optim.seed + rank)
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = _restore(Path(d), core, optimizer, scheduler, task, rng, rank, card.optim.seed)
+    if task.manual_grad_sync or world == 1:
+        model = core
+    else:
+        model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    val_rows = [r for b in val_shard.iter_batches(batch_format="pyarrow") for r in to_records(b)] if rank == 0 else []
+
+    batches = micro_batches(
+        train_shard, card.batch.per_worker_batch_size, card.data.shuffle_buffer, state.position,
+        rng if card.data.cache_in_workers else None,
+    )
+    pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
+    use_amp = card.optim.amp and device.type == "cuda"
+    accumulation = card.accumulation_steps
+    recent: list[float] = []
+    resumed_from = state.step
+    while state.step < card.schedule.max_steps:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for i in range(accumulation):
+            rows = next(batches)
+            pool.add(rows)
+            batch = {k: torch.as_tensor(v).to(device) for k, v in task.make_batch(rows, rng, pool).items()}
+            sync = model.no_sync() if model is not core and i < accumulation - 1 else contextlib.nullcontext()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = task.loss(model, batch) / accumulation
+                loss.backward()
+            step_loss += loss.item()
+        if task.manual_grad_sync and world > 1:
+            _average_gradients(core, world)
+        if card.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(core.parameters(), card.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        recent.append(step_loss)
+        _fault_drill(card, config["run_dir"], rank, state.step)
+        if state.step % card.validation.every_steps and state.step != card.schedule.max_steps:
+            continue
+        metrics: dict[str, Any] = {
+            "step": state.step, "train_loss": float(np.mean(recent)), "lr": scheduler.get_last_lr()[0], "resumed_from": resumed_from,
+            "wall_time": time.time(),  # seconds since the epoch: throughput between reports (bench_train_ray)
+        }
+        recent = []
+        if rank == 0:
+            metrics.update(task.validate(core, val_rows))
+            state.history.append(metrics)
+        save = state.step % card.checkpoint_every == 0 or state.step == card.schedule.max_steps
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if save and rank == 0:
+                _save(Path(d), core, optimizer, scheduler, task, rng, state)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _average_gradients(core: torch.nn.Module, world: int) -> None:
+    """All-reduce (mean) every gradient across the workers: what DDP does, for tasks it cannot wrap."""
+    import torch.distributed as dist
+
+    for param in core.parameters():
+        if param.requires_grad:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+
+def _save(d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, state: LoopState) -> None:
+    core.save_pretrained(d)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": state.step,
+            "epoch": state.position.epoch,
+            "batches_in_epoch": state.position.batches,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": rng.bit_generator.state,
+            "task": task.state(core),
+        },
+        d / STATE_FILE,
+    )
+    (d / HISTORY_FILE).write_text(json.dumps(state.history, indent=1))
+
+
+def _restore(
+    d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, rank: int, seed: int
+) -> LoopState:
+    core.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    core.tie_weights()
+    saved = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    task.load_state(core, saved["task"])
+    step = int(saved["step"])
+    if rank == 0:
+        torch.set_rng_state(saved["torch_rng"])
+        rng.bit_generator.state = saved["numpy_rng"]
+    else:
+        torch.manual_seed(seed + rank + 7919 * step)
+        rng.bit_generator.state = np.random.default_rng([seed, rank, step]).bit_generator.state
+    history = json.loads((d / HISTORY_FILE).read_text())
+    return LoopState(step, DataPosition(int(saved["epoch"]), int(saved["batches_in_epoch"])), history)
+
+
+def _fault_drill(card: TrainCard, run_dir: str, rank: int, step: int) -> None:
+    """Raise once (the first time rank `fault_drill.rank` reaches step `fault_drill.at_step` in this run)."""
+    drill = card.fault_drill
+    if drill is None or rank != drill.rank or step != drill.at_step:
+        return
+    fs, path = storage.filesystem_for(f"{run_dir}/{FAULT_MARKER}")
+    if fs.get_file_info(path).type.name != "NotFound":
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(f"rank {rank} raised at step {step}\n".encode())
+    raise RuntimeError(f"fault drill: rank {rank} raises at optimizer step {step}")

@@ -1,0 +1,277 @@
+"""The three training tasks as the per-worker loop sees them: which model, how joined rows become a batch, the
+loss, and validation. One class per task; `task_for(card)` picks it. No Ray here, so tasks test without Ray.
+
+Negatives in a streaming setting (pretraining pollution, retrieval negatives): each worker keeps a `NegativePool`,
+a ring buffer of the last `capacity` rows its shard delivered (the current batch included). The shard is a
+uniform shuffle of the corpus (block order randomised per epoch plus a local shuffle buffer), so a uniform draw
+from the pool is a draw of a random corpus document, as the original's `random.randint(0, len(dataset))`; like
+the original, a draw that hits the same image is retried (up to 10 times). The dice that decides *whether* to
+pollute is per example and unchanged (`data.pretraining.pollute`: u > 0.5 matched, u > texta_false_prob swap
+text_b, else swap text_a), so the 0.5 / 0.25 / 0.25 split of the original holds exactly; only the population
+negatives come from is the recent part of the stream rather than the whole corpus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
+from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pollute
+from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
+from mengzi_ray.evaluation import score_captions
+from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
+from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
+from mengzi_ray.training.caption_local import MODEL_INPUTS, caption_images, collate
+from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
+from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
+
+Batch = dict[str, np.ndarray]
+
+
+class NegativePool:
+    """Ring buffer of recent rows; `other(image_id)` draws a row of a different image (see module docstring)."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.rows: deque[ImageRecord] = deque(maxlen=capacity)
+        self.rng = rng
+
+    def add(self, rows: Sequence[ImageRecord]) -> None:
+        self.rows.extend(rows)
+
+    def other(self, image_id: str) -> ImageRecord:
+        if not self.rows:
+            raise ValueError("negative pool is empty: add the current batch before drawing")
+        for _ in range(10):
+            row = self.rows[int(self.rng.integers(len(self.rows)))]
+            if row.image_id != image_id:
+                return row
+        return row
+
+
+class Task(ABC):
+    """Base: subclasses set the model class, no-decay names, config overrides and the batch/loss/validation."""
+
+    model_class: type = OscarForCaptioning
+    no_decay: tuple[str, ...] = CAPTION_NO_DECAY
+    per_image_train = False  # True: train rows carry all texts of one image
+    find_unused_parameters = False  # DDP: True where part of the trunk (e.g. the pooler) gets no gradient
+    manual_grad_sync = False  # True: no DDP wrapper; the loop all-reduces gradients itself (SCST)
+
+    def __init__(self, card: TrainCard, tokenizer: PreTrainedTokenizerBase):
+        self.card = card
+        self.tokenizer = tokenizer
+
+    def config_overrides(self) -> dict[str, Any]:
+        """OscarConfig fields the card sets for this task."""
+        return {"img_feature_dim": self.card.model.img_feature_dim, "use_img_layernorm": self.card.model.use_img_layernorm}
+
+    @abstractmethod
+    def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
+        """Tensorise joined rows (numpy arrays with a leading batch axis); `pool` already holds `rows`."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @abstractmethod
+    def validate(self, model: torch.nn.Module, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
+        """Validation metrics (keys prefixed val_) of the unwrapped model on the val rows (all texts per image)."""
+
+    def state(self, model: torch.nn.Module) -> dict[str, int]:
+        """Per-process training state outside the optimiser that a checkpoint must carry."""
+        return {}
+
+    def load_state(self, model: torch.nn.Module, state: dict[str, int]) -> None:
+        """Inverse of `state`."""
+
+    def _batches(self, examples: list[Batch], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.card.validation.batch_size
+        for start in range(0, len(examples), size):
+            yield collate(examples[start : start + size], device)
+
+
+class CaptionTask(Task):
+    model_class = OscarForCaptioning
+    find_unused_parameters = True  # the pooler is not part of the captioning loss
+
+    def __init__(self, card: CaptionCard, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(card, tokenizer)
+        c = card.caption
+        self.layout = CaptionLayout(
+            max_seq_a_length=c.max_seq_a_length, max_seq_length=c.max_seq_length, max_img_seq_length=c.max_img_seq_length,
+            img_feature_dim=card.model.img_feature_dim, mask_prob=c.mask_prob, max_masked_tokens=c.max_masked_tokens,
+            add_od_labels=c.add_od_labels,
+        )
+        self.train_tz = CaptionTensorizer(tokenizer, self.layout)
+        self.test_tz = CaptionTensorizer(tokenizer, self.layout.for_generation(c.max_gen_length))
+
+    def config_overrides(self) -> dict[str, Any]:
+        c = self.card.caption
+        return {
+            **super().config_overrides(),
+            **{k: getattr(c, k) for k in ("max_seq_a_length", "max_seq_length", "max_img_seq_length", "add_od_labels")},
+            **{k: getattr(c, k) for k in ("label_smoothing", "drop_worst_ratio", "drop_worst_after", "tie_weights", "freeze_embedding")},
+        }
+
+    def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
+        return _stack([self.train_tz.train_example(r.texts[0], r.od_labels, r.features, rng) for r in rows])
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**{k: batch[k] for k in MODEL_INPUTS}).loss
+
+    @torch.no_grad()
+    def validate(self, model: OscarForCaptioning, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
+        """val_loss: masked-token loss on every val caption (fixed masking seed, no drop-worst, counter untouched);
+        val_cider: character-level CIDEr of beam-search captions against all references."""
+        device = next(model.parameters()).device
+        rng = np.random.default_rng(0)
+        examples = [self.train_tz.train_example(t, r.od_labels, r.features, rng) for r in val_rows for t in r.texts]
+        model.eval()
+        with _no_drop_worst(model):
+            losses = [(model(**{k: b[k] for k in MODEL_INPUTS}).loss.item(), b["input_ids"].shape[0]) for b in self._batches(examples, device)]
+        c = self.card.caption
+        preds = caption_images(model, self.tokenizer, self.test_tz, val_rows, num_beams=c.num_beams, batch_size=self.card.validation.batch_size)
+        cider = score_captions({k: v for k, (v, _) in preds.items()}, {r.image_id: r.texts for r in val_rows}, metrics=("CIDEr",))
+        return {"val_loss": _weighted_mean(losses), "val_cider": cider.scores["CIDEr"]}
+
+    def state(self, model: OscarForCaptioning) -> dict[str, int]:
+        return {"drop_worst_calls": model.loss.calls}
+
+    def load_state(self, model: OscarForCaptioning, state: dict[str, int]) -> None:
+        model.loss.calls = int(state.get("drop_worst_calls", 0))
+
+
+class RetrievalTask(Task):
+    model_class = OscarForRetrieval
+
+    def __init__(self, card: RetrievalCard, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(card, tokenizer)
+        r = card.retrieval
+        self.tz = RetrievalTensorizer(tokenizer, RetrievalLayout(
+            max_seq_length=r.max_seq_length, max_img_seq_length=r.max_img_seq_length, img_feature_dim=card.model.img_feature_dim,
+            add_od_labels=r.add_od_labels, att_mask_type=r.att_mask_type,
+        ))
+
+    def config_overrides(self) -> dict[str, Any]:
+        r = self.card.retrieval
+        return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels}
+
+    def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
+        """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""
+        positives = [self.tz.example(r.texts[0], r.od_labels, r.features, 1) for r in rows]
+        negatives = []
+        for r in rows:
+            other = pool.other(r.image_id)
+            if rng.random() < 0.5:
+                negatives.append(self.tz.example(other.texts[int(rng.integers(len(other.texts)))], r.od_labels, r.features, 0))
+            else:
+                negatives.append(self.tz.example(r.texts[0], other.od_labels, other.features, 0))
+        return _stack(positives + negatives)
+
+    @torch.no_grad()
+    def validate(self, model: OscarForRetrieval, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
+        """Cross-image ranking over the val gallery (every image × every text); val_loss = class-balanced CE."""
+        device = next(model.parameters()).device
+        k = self.card.retrieval.val_captions_per_image
+        texts = [(i, t) for i, r in enumerate(val_rows) for t in r.texts[:k]]
+        text_to_image = np.array([i for i, _ in texts])
+        model.eval()
+        examples = [self.tz.example(t, r.od_labels, r.features) for r in val_rows for _, t in texts]
+        logits = torch.cat([model(**b).logits.float() for b in self._batches(examples, device)])
+        scores = OscarForRetrieval.match_score(logits).view(len(val_rows), len(texts)).cpu().numpy()
+        match = torch.as_tensor(np.arange(len(val_rows))[:, None] == text_to_image[None, :]).view(-1).to(logits.device)
+        ce = torch.nn.functional.cross_entropy(logits, match.long(), reduction="none")
+        metrics = {f"val_{k}": v for k, v in retrieval_recall(scores, text_to_image).items()}
+        return {"val_loss": float((ce[match].mean() + ce[~match].mean()) / 2), **metrics}
+
+
+class PretrainTask(Task):
+    model_class = OscarForPretraining
+    no_decay = PRETRAIN_NO_DECAY
+
+    def __init__(self, card: PretrainCard, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(card, tokenizer)
+        p = card.pretrain
+        self.layout = PretrainLayout(
+            max_seq_length=p.max_seq_length, max_img_seq_length=p.max_img_seq_length, img_feature_dim=card.model.img_feature_dim,
+            mlm_prob=p.mlm_prob, texta_false_prob=p.texta_false_prob,
+        )
+        self.tz = PretrainTensorizer(tokenizer, self.layout)
+
+    def config_overrides(self) -> dict[str, Any]:
+        return {**super().config_overrides(), "num_contrast_classes": self.layout.num_contrast_classes}
+
+    def _examples(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> list[Batch]:
+        out = []
+        for r in rows:
+            text_a, text_b, label = pollute(
+                r.texts[0], r.od_labels, rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
+                other_text_a=lambda: pool.other(r.image_id).texts[0],
+                other_text_b=lambda: pool.other(r.image_id).od_labels,
+            )
+            out.append(self.tz.example(text_a, text_b, label, r.features, rng))
+        return out
+
+    def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
+        return _stack(self._examples(rows, rng, pool))
+
+    @torch.no_grad()
+    def validate(self, model: OscarForPretraining, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
+        """Fixed-seed pollution and masking of every val text: val_loss (MLM + contrastive), val_mlm_acc."""
+        device = next(model.parameters()).device
+        rng = np.random.default_rng(0)
+        pool = NegativePool(len(val_rows), rng)
+        pool.add(val_rows)
+        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t]) for r in val_rows for t in r.texts]
+        model.eval()
+        losses, hits, targets = [], 0, 0
+        for b in self._batches(self._examples(rows, rng, pool), device):
+            out = model(**b)
+            labels = b["masked_lm_labels"]
+            keep = labels != -1
+            hits += int((out.logits[:, : labels.shape[1]].argmax(-1)[keep] == labels[keep]).sum())
+            targets += int(keep.sum())
+            losses.append((out.loss.item(), labels.shape[0]))
+        return {"val_loss": _weighted_mean(losses), "val_mlm_acc": hits / max(1, targets)}
+
+
+def task_for(card: TrainCard, tokenizer: PreTrainedTokenizerBase) -> Task:
+    """The task a card trains (SCST cards get the SCST task)."""
+    if isinstance(card, CaptionCard):
+        if card.scst is not None:
+            from mengzi_ray.training.scst import ScstTask
+
+            return ScstTask(card, tokenizer)
+        return CaptionTask(card, tokenizer)
+    if isinstance(card, RetrievalCard):
+        return RetrievalTask(card, tokenizer)
+    if isinstance(card, PretrainCard):
+        return PretrainTask(card, tokenizer)
+    raise TypeError(f"no training task for {type(card).__name__}")
+
+
+def _stack(examples: list[Batch]) -> Batch:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _weighted_mean(pairs: list[tuple[float, int]]) -> float:
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+
+@contextlib.contextmanager
+def _no_drop_worst(model: OscarForCaptioning) -> Iterator[None]:
+    """Validation forward passes must neither drop tokens nor advance the per-process drop-worst counter."""
+    calls, ratio = model.loss.calls, model.loss.drop_worst_ratio
+    model.loss.drop_worst_ratio = 0.0
+    try:
+        yield
+    finally:
+        model.loss.calls, model.loss.drop_worst_ratio = calls, ratio

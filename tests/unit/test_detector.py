@@ -1,0 +1,122 @@
+"""Detector contract: card validation, VinVL region selection, the C4 and given-boxes backends, the feature row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from mengzi_ray.datasets import generate_scene
+from mengzi_ray.features.card import DetectorSection
+from mengzi_ray.features.detectors.base import Detections, Detector, build_detector, detections_to_row
+from mengzi_ray.features.detectors.torchvision_c4 import select_regions
+from mengzi_ray.features.pixel_regions import PIXEL_DETECTOR_NAME, pixel_region_features
+from mengzi_ray.features.schema import REGION_DIM
+
+TINY = dict(allow_random_weights=True, depth=50, groups=1, width_per_group=4, test_min_size=64, test_max_size=100,
+            rpn_pre_nms_top_n=50, rpn_post_nms_top_n=6, min_boxes=4, max_boxes=5)
+
+
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (48, 64, 3), np.uint8), rng.integers(0, 255, (90, 40, 3), np.uint8)]
+
+
+def test_card_refuses_missing_weights_and_absent_detectron2() -> None:
+    with pytest.raises(ValidationError, match="allow_random_weights: true"):
+        DetectorSection()
+    with pytest.raises(ValidationError, match="detectron2 is not importable.*build it from source"):
+        DetectorSection(backend="detectron2", detectron2_config="c.yaml", weights="w.pth")
+    with pytest.raises(ValidationError, match="min_boxes=20 exceeds max_boxes=10"):
+        DetectorSection(allow_random_weights=True, min_boxes=20, max_boxes=10)
+    assert DetectorSection(backend="given_boxes", given_boxes_featurizer="pixel_crops").weights is None
+
+
+def test_select_regions_is_per_class_nms_then_best_class() -> None:
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [80, 80, 90, 90]], dtype=torch.float32)
+    probs = torch.tensor(
+        [[0.1, 0.6, 0.3], [0.1, 0.5, 0.4], [0.2, 0.25, 0.55], [0.9, 0.05, 0.05]], dtype=torch.float32
+    )
+    per_class = boxes[:, None, :].expand(-1, 3, -1)
+    idx, cls, scores = select_regions(probs, per_class, score_threshold=0.2, nms_iou=0.3, min_boxes=0, max_boxes=10)
+    # class 1: box 0 (0.6) suppresses box 1 (0.5), box 2 (0.25) survives; class 2: box 2 (0.55) and box 1 (0.4)
+    # survive, box 1 suppresses box 0 (0.3). Each box keeps its best surviving class; box 3 is background.
+    assert idx.tolist() == [0, 2, 1] and cls.tolist() == [1, 2, 2]
+    np.testing.assert_allclose(scores.numpy(), [0.6, 0.55, 0.4])
+    idx, _, _ = select_regions(probs, per_class, score_threshold=0.2, nms_iou=0.3, min_boxes=0, max_boxes=2)
+    assert idx.tolist() == [0, 2]
+    idx, cls, scores = select_regions(probs, per_class, score_threshold=0.99, nms_iou=0.3, min_boxes=3, max_boxes=5)
+    assert idx.tolist() == [0, 2, 1] and cls.tolist() == [1, 2, 1]  # filled by best foreground score
+
+
+def test_torchvision_c4_honours_the_contract(tmp_path: Path) -> None:
+    section = DetectorSection(**TINY)
+    detector = build_detector(section)
+    assert isinstance(detector, Detector) and detector.name.startswith("torchvision_c4:")
+    found = detector.detect(images())
+    assert len(found) == 2
+    for det, img in zip(found, images()):
+        assert 4 <= len(det.boxes) <= 5 and det.features.shape == (len(det.boxes), 2048)
+        assert det.features.dtype == np.float32 and np.isfinite(det.features).all()
+        h, w = img.shape[:2]
+        assert (det.boxes[:, [0, 2]] <= w + 1e-3).all() and (det.boxes[:, [1, 3]] <= h + 1e-3).all()
+        assert all(isinstance(label, str) for label in det.labels) and det.attributes is None
+    again = build_detector(section).detect(images())  # same seed → same random detector (every actor agrees)
+    np.testing.assert_array_equal(again[0].features, found[0].features)
+
+    weights = tmp_path / "det.safetensors"
+    save_file({k: v.contiguous() for k, v in detector.c4.model.state_dict().items()}, str(weights))
+    loaded = build_detector(section.model_copy(update={"weights": str(weights), "allow_random_weights": False}))
+    np.testing.assert_array_equal(loaded.detect(images())[1].features, found[1].features)
+    assert loaded.name != detector.name  # digest covers the weights file
+
+
+def test_label_map_and_attribute_head(tmp_path: Path) -> None:
+    (tmp_path / "labels.json").write_text(json.dumps(["dog", "cat"]))
+    (tmp_path / "attrs.json").write_text(json.dumps(["none", "black", "white"]))
+    section = DetectorSection(**TINY, num_classes=3, label_map=str(tmp_path / "labels.json"),
+                              attribute_map=str(tmp_path / "attrs.json"), score_threshold=0.0)
+    det = build_detector(section).detect(images()[:1])[0]
+    assert set(det.labels) <= {"dog", "cat"} and set(det.attributes) <= {"black", "white"}
+    with pytest.raises(ValueError, match="2 names, the model has 4"):
+        build_detector(section.model_copy(update={"num_classes": 5}))
+
+
+def test_given_boxes_pixel_crops_reproduce_the_synthetic_features() -> None:
+    scene = generate_scene(np.random.default_rng(5))
+    image = np.asarray(scene.image)
+    detector = build_detector(DetectorSection(backend="given_boxes", given_boxes_featurizer="pixel_crops"))
+    assert detector.name == PIXEL_DETECTOR_NAME
+    det = detector.detect([image], [scene.boxes])[0]
+    np.testing.assert_array_equal(det.features, pixel_region_features(scene.image, scene.boxes))
+    np.testing.assert_array_equal(det.boxes, scene.boxes.astype(np.float32))
+    with pytest.raises(ValueError, match="image 0 has no boxes"):
+        detector.detect([image], [None])
+
+
+def test_given_boxes_c4_keeps_the_given_boxes() -> None:
+    detector = build_detector(DetectorSection(**{**TINY, "backend": "given_boxes"}))
+    given = [np.array([[0, 0, 20, 20], [5, 5, 40, 30]], np.float32), np.zeros((0, 4), np.float32)]
+    found = detector.detect(images(), given)
+    np.testing.assert_array_equal(found[0].boxes, given[0])
+    assert found[0].features.shape == (2, 2048) and len(found[1].boxes) == 0
+
+
+def test_detections_to_row_gives_oscar_vectors_and_chinese_tags() -> None:
+    det = Detections(
+        boxes=np.array([[10, 20, 50, 80]], np.float32), scores=np.array([0.9], np.float32), labels=["dog"],
+        attributes=["black"], features=np.ones((1, 2048), np.float32),
+    )
+    row = detections_to_row(det, image_id="a/b", source="s3://x/a/b.jpg", width=100, height=200, detector="d")
+    vector = np.asarray(row["features"][0], np.float32)
+    assert vector.shape == (REGION_DIM,)
+    np.testing.assert_allclose(vector[2048:], [0.1, 0.1, 0.5, 0.4, 0.4, 0.3], rtol=1e-6)
+    assert row["tags"] == ["狗"] and row["attributes"] == ["black"] and row["labels"] == ["dog"]
+    with pytest.raises(ValueError, match="1 boxes but"):
+        Detections(boxes=np.zeros((1, 4)), scores=np.zeros(2), labels=["x"], attributes=None,
+                   features=np.zeros((1, 2048)))
