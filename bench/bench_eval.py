@@ -27,7 +27,7 @@ from mengzi_ray.evaluation.caption_inference import generation_layout, predict_c
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, score_pairs
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning, OscarForRetrieval
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 
 SCRIPT = "bench_eval"
 NUM_VAL = 24

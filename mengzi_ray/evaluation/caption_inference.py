@@ -1,7 +1,7 @@
 """Batch caption inference on Ray Data: feature rows → (image_id, caption, score), beam search in model actors.
 
 Each actor loads the model dir once (:class:`CaptionPredictor`) and captions batches with
-:func:`mengzi_ray.training.caption_local.caption_images` (the same decoding path as the demo and validation), in
+:func:`mengzi_ray.modeling.inference.caption_images` (the same decoding path as the demo and validation), in
 the test layout the model's :class:`~mengzi_ray.modeling.OscarConfig` records (max_seq_a_length, max_seq_length,
 max_img_seq_length, add_od_labels). ``score`` is exp(length-normalised log-prob), the original's ``conf``.
 Called by the evaluate job and by ``bench/bench_eval.py``.
@@ -19,7 +19,7 @@ from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
 from mengzi_ray.features.schema import region_matrix
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import load_tokenizer, tag_string
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 
 
 def generation_layout(config: OscarConfig, max_gen_length: int) -> CaptionLayout:

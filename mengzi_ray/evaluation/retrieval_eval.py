@@ -23,7 +23,7 @@ import torch
 from mengzi_ray.data.retrieval import MaskType, RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.caption_local import collate
+from mengzi_ray.modeling.inference import collate
 
 log = logging.getLogger(__name__)
 

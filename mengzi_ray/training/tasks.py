@@ -30,7 +30,8 @@ from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
-from mengzi_ray.training.caption_local import MODEL_INPUTS, caption_images, collate
+from mengzi_ray.modeling.inference import caption_images, collate
+from mengzi_ray.training.caption_local import MODEL_INPUTS
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 

@@ -19,7 +19,7 @@ from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 
 NUM_VAL = 12
 MAX_GEN = 22

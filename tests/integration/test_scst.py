@@ -14,7 +14,7 @@ from mengzi_ray.evaluation.caption_metrics import tokenize_for_metrics
 from mengzi_ray.evaluation.cider_d import CiderD
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training
 

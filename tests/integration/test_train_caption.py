@@ -16,7 +16,7 @@ from mengzi_ray.datasets import write_synthetic_dataset
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training
 

@@ -25,7 +25,7 @@ from mengzi_ray.datasets import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import generation_layout
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.caption_local import caption_images
+from mengzi_ray.modeling.inference import caption_images
 from mengzi_ray.training.tune import TuneCard, run_tune
 
 REPO = Path(__file__).resolve().parents[2]
