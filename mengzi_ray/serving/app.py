@@ -1,7 +1,7 @@
 """The Serve application builder: `import_path: mengzi_ray.serving.app:build_app` in serve/config.yaml.
 
 `serve run serve/config.yaml` (local) and `serve deploy serve/config.yaml` (cluster) both call `build_app` with
-the YAML's `args`, validated as `ServeAppConfig` by Serve before anything starts. Tests call `compose_app` with
+the YAML's `args`, validated as `ServeAppConfig` before anything starts. Tests call `compose_app` with
 a config made from tmp paths.
 """
 
@@ -48,6 +48,8 @@ def compose_app(config: ServeAppConfig, *, ingress_runtime_env: dict[str, Any] |
     )
 
 
-def build_app(args: ServeAppConfig) -> Application:
-    """Serve's application builder (the args are validated into ServeAppConfig by Serve)."""
-    return compose_app(args)
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder: validates the YAML's `args` as ServeAppConfig (errors name the field), then
+    composes the app. (Serve would validate a pydantic-annotated builder itself, but not through the string
+    annotations of `from __future__ import annotations`, so the check is explicit.)"""
+    return compose_app(ServeAppConfig.model_validate(args))

@@ -175,3 +175,15 @@ def test_body_limit_refuses_declared_and_streamed_oversize_bodies():
     assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large" and received == b""
     status, _, received = _asgi_call(limited, [b"1"], [(b"content-length", b"11")])
     assert status == 413 and received == b""
+
+
+def test_build_app_takes_the_yaml_args_as_serve_passes_them():
+    """Serve hands the builder the YAML's `args` as a plain dict; the builder validates it (a bad field is a
+    ValidationError naming it) and composes the four deployments."""
+    from mengzi_ray.serving.app import build_app
+
+    args = yaml.safe_load((REPO / "serve" / "config.yaml").read_text(encoding="utf-8"))["applications"][0]["args"]
+    app = build_app(args)
+    assert app._bound_deployment.name == "Api"
+    with pytest.raises(ValidationError, match="limits.max_k"):
+        build_app({**args, "limits": {**args["limits"], "max_k": 0}})
