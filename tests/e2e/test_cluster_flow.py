@@ -102,9 +102,9 @@ def test_jobs_then_serve_deploy_then_http(ray_head: RayHead, synthetic, tmp_path
                     break
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline:
-                status = ray_head.run(str(BIN / "serve"), "status", "--address", ray_head.dashboard_url)
-                raise AssertionError(f"serve app not healthy after 300 s:\n{status.stdout}{status.stderr}")
+            status = ray_head.run(str(BIN / "serve"), "status", "--address", ray_head.dashboard_url)
+            if "DEPLOY_FAILED" in status.stdout or time.monotonic() > deadline:
+                raise AssertionError(f"serve app not healthy:\n{status.stdout}{status.stderr}")
             time.sleep(3)
         models = client.get("/v1/models").json()
         assert str(caption_model) in json.dumps(models)
