@@ -111,14 +111,14 @@ def test_jobs_then_serve_deploy_then_http(ray_head: RayHead, synthetic, tmp_path
         answer = client.post("/v1/caption", files={"image": ("val0.png", png.getvalue(), "image/png")})
         assert answer.status_code == 200, answer.text
         body = answer.json()
-        assert body["captions"] and isinstance(body["captions"][0]["caption"], str) and body["captions"][0]["caption"]
+        assert body["captions"] and isinstance(body["captions"][0]["text"], str) and body["captions"][0]["text"]
         bad = client.post("/v1/caption", files={"image": ("x.png", b"not an image", "image/png")})
         assert 400 <= bad.status_code < 500 and "error" in bad.text.lower()
 
 
 def test_a_failing_job_exits_non_zero_with_its_log_tail(ray_head: RayHead, tmp_path: Path) -> None:
     card = tmp_path / "bad.yaml"
-    card.write_text("input: {uri: /nonexistent/images}\noutput: /tmp/never\ndetector: {backend: given_boxes}\n")
+    card.write_text("input: {uri: /nonexistent/images}\noutput: /tmp/never\ndetector: {backend: given_boxes, given_boxes_featurizer: pixel_crops}\n")
     with pytest.raises(AssertionError) as info:
         ray_head.submit("mengzi-ray", "extract", "--config", str(card), timeout_s=300)
     assert "exited" in str(info.value) and "/nonexistent/images" in str(info.value)
