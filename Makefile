@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests/unit tests/integration tests/e2e
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
