@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.text import tag_string
 
 
 @dataclass
 class ImageRecord:
-    """One image: its regions (N, 2054), its tag string and every text of one kind attached to it."""
+    """One image: its regions (N, 2054) float32 (a read-only view of the Arrow buffer), its tag string and every
+    text of one kind attached to it."""
 
     image_id: str
     features: np.ndarray
@@ -55,9 +56,9 @@ def load_image_records(features_path: str | Path, text_path: str | Path, split: 
     if orphans:
         raise ValueError(f"{text_path}: {len(orphans)} {split} texts name images with no features, e.g. {sorted(orphans)[:3]}")
     records = []
-    for image_id, feats, tags in zip(ids, table.column("features").to_pylist(), table.column("tags").to_pylist()):
+    for image_id, feats, tags in zip(ids, region_arrays(table.column("features")), table.column("tags").to_pylist()):
         if image_id in texts:
-            records.append(ImageRecord(image_id, region_matrix(feats), tag_string(tags), texts[image_id]))
+            records.append(ImageRecord(image_id, feats, tag_string(tags), texts[image_id]))
     if not records:
         raise ValueError(f"{text_path}: no {kind} texts for split {split!r}")
     return records

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text import tag_string
 
@@ -34,10 +34,13 @@ def load_regions(uri: str, image_ids: list[str]) -> dict[str, tuple[np.ndarray, 
     """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids."""
     fs, path = filesystem_for(uri)
     table = pq.read_table(path, columns=EVAL_COLUMNS, filesystem=fs, filters=pc.field("image_id").isin(image_ids))
-    out = {}
-    for row in table.to_pylist():
-        out[row["image_id"]] = (region_matrix(row["features"]), tag_string(row["tags"]), row["source"])
-    return out
+    columns = zip(
+        table.column("image_id").to_pylist(),
+        region_arrays(table.column("features")),
+        table.column("tags").to_pylist(),
+        table.column("source").to_pylist(),
+    )
+    return {image_id: (regions, tag_string(tags), source) for image_id, regions, tags, source in columns}
 
 
 def read_feature_dataset(uri: str, image_ids: list[str]) -> Any:

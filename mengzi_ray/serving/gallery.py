@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from mengzi_ray.data.records import read_text_rows
 
-from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
 from mengzi_ray.storage import filesystem_for, is_remote
@@ -79,8 +79,8 @@ def load_gallery(section: GallerySection) -> Gallery:
         raise ValueError(f"{section.features}: no gallery images (split={section.split!r}, max_images={section.max_images})")
     image_ids = table.column("image_id").to_pylist()
     regions = [
-        RegionSet(region_matrix(feats), list(tags))
-        for feats, tags in zip(table.column("features").to_pylist(), table.column("tags").to_pylist())
+        RegionSet(feats, list(tags))
+        for feats, tags in zip(region_arrays(table.column("features")), table.column("tags").to_pylist())
     ]
     known = set(image_ids)
     kept = [(text, image_id) for text, image_id in zip(captions, caption_ids) if image_id in known]

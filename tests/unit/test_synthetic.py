@@ -173,3 +173,22 @@ def test_write_is_deterministic(tmp_path: Path, dataset: SyntheticDataset) -> No
     assert pq.read_table(smaller.features_path).column("image_id").to_pylist()[:4] == [
         f"train/{i:06d}" for i in range(4)
     ]
+
+
+def test_image_records_join_features_and_texts(dataset: SyntheticDataset, tmp_path: Path) -> None:
+    from mengzi_ray.data.records import load_image_records
+    from mengzi_ray.text import tag_string
+
+    table = pq.read_table(dataset.features_path).to_pylist()
+    by_id = {row["image_id"]: row for row in table}
+    records = load_image_records(dataset.features_path, dataset.text_path, "val")
+    assert len(records) == 5 and all(len(r.texts) == CAPTIONS_PER_IMAGE for r in records)
+    for record in records:
+        row = by_id[record.image_id]
+        np.testing.assert_array_equal(record.features, region_matrix(row["features"]))
+        assert record.od_labels == tag_string(row["tags"])
+
+    orphan = tmp_path / "text.jsonl"
+    orphan.write_text(json.dumps({"image_id": "nowhere", "text": "红色的圆形", "kind": "caption", "split": "val"}) + "\n")
+    with pytest.raises(ValueError, match="no features"):
+        load_image_records(dataset.features_path, orphan, "val")
