@@ -98,17 +98,23 @@ def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int,
     rng = np.random.default_rng(0)
     picks = rng.choice(len(gallery.captions), size=queries, replace=False)
     wanted = [(gallery.captions[i], gallery.index_of[gallery.caption_image_ids[i]]) for i in picks]
+    # The synthetic grammar is small, so in a large gallery many images carry the very same caption: any of them
+    # is a right answer, and "the" source image is one of many equals.
+    described_by: dict[str, set[int]] = {}
+    for text, image_id in zip(gallery.captions, gallery.caption_image_ids):
+        described_by.setdefault(text, set()).add(gallery.index_of[image_id])
     brute_top: list[list[int]] = []
     rows = []
     for candidates in [None, *candidate_counts]:
         engine = RetrievalEngine(encoder, gallery, candidates)
-        seconds, hits_at_10, agreement = [], 0, []
+        seconds, hits_at_10, described_at_10, agreement = [], 0, 0, []
         for q, (text, truth) in enumerate(wanted):
             start = time.perf_counter()
             (hits,) = engine.search([SearchQuery(k=10, text=text)])
             seconds.append(time.perf_counter() - start)
             top = [h.index for h in hits]
             hits_at_10 += truth in top
+            described_at_10 += bool(described_by[text] & set(top))
             if candidates is None:
                 brute_top.append(top)
             else:
@@ -120,9 +126,63 @@ def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int,
                 "p50_ms": float(np.median(seconds) * 1000),
                 "mean_ms": float(np.mean(seconds) * 1000),
                 "recall@10": hits_at_10 / len(wanted),
+                "described@10": described_at_10 / len(wanted),
+                "images_per_query_text": float(np.mean([len(described_by[t]) for t, _ in wanted])),
                 "top10_agreement_with_brute": float(np.mean(agreement)) if agreement else 1.0,
             }
         )
+    return rows
+
+
+def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict, requests: int) -> dict:
+    """Figures 1 and 2 on a local Ray: batched vs batch size 1, then two replicas with one killed mid-run."""
+    import ray
+
+    for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s raylet registration window
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    try:
+        batched = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 1), body, requests, None)
+        single = caption_load(app_config(caption_dir, retrieval_dir, features, 1, 1), body, requests, None)
+        killed = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 2), body, requests, requests // 3)
+    finally:
+        ray.shutdown()
+
+    print(f"\ncaption over HTTP: {requests} requests, concurrency {CONCURRENCY}, beams 3, precomputed regions")
+    print_table(
+        ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"],
+        [
+            [name, f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}", r["errors"] or 0]
+            for name, r in [("batch size 1 (baseline)", single), ("@serve.batch max 8", batched), ("max 8, 2 replicas, 1 killed", killed)]
+        ],
+    )
+    print(f"throughput ratio batched / baseline: {batched['req_per_s'] / single['req_per_s']:.2f}x; "
+          f"p99 ratio: {batched['p99_ms'] / single['p99_ms']:.2f}x")
+    print(f"killed replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill run: {killed['errors'] or 0}")
+    return {"batched": batched, "batch_size_1": single, "replica_killed": killed}
+
+
+def retrieval_part(work: Path, retrieval_dir: str, gallery: int, queries: int, candidates: list[int]) -> list[dict]:
+    """Figure 3: brute force vs two-stage on a fresh synthetic gallery of `gallery` images."""
+    start = time.perf_counter()
+    ds = write_synthetic_dataset(work / "gallery", num_train=0, num_val=gallery, seed=11)
+    print(f"\ngallery of {gallery} synthetic images written in {time.perf_counter() - start:.0f}s")
+    rows = retrieval_bench(retrieval_dir, str(ds.features_path), str(ds.text_path), queries, candidates)
+    brute = rows[0]
+    print(f"\nretrieval: {gallery}-image gallery, {queries} caption queries, top-10 (in-process engine, no HTTP)")
+    print_table(
+        ["method", "candidates", "p50 ms/query", "speed-up", "recall@10", "described@10", "top-10 agreement with brute force"],
+        [
+            [r["method"], r["candidates"], f"{r['p50_ms']:.0f}", f"{brute['p50_ms'] / r['p50_ms']:.1f}x", f"{r['recall@10']:.2f}",
+             f"{r['described@10']:.2f}", f"{r['top10_agreement_with_brute']:.2f}"]
+            for r in rows
+        ],
+    )
     return rows
 
 
@@ -135,9 +195,8 @@ def main() -> int:
     parser.add_argument("--caption-model", help="trained captioner dir (default: tiny random init)")
     parser.add_argument("--retrieval-model", help="trained retrieval dir (default: tiny random init)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
+    parser.add_argument("--parts", nargs="+", choices=["caption", "retrieval"], default=["caption", "retrieval"])
     args = parser.parse_args()
-
-    import ray
 
     commit = git_commit()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_serve_"))
@@ -149,54 +208,18 @@ def main() -> int:
     row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
     body = {"regions": {"features": row["features"], "tags": row["tags"]}, "num_beams": 3}
 
-    for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s raylet registration window
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    try:
-        features = str(small.features_path)
-        batched = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 1), body, args.requests, None)
-        single = caption_load(app_config(caption_dir, retrieval_dir, features, 1, 1), body, args.requests, None)
-        killed = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 2), body, args.requests, args.requests // 3)
-    finally:
-        ray.shutdown()
-
-    print(f"\ncaption over HTTP: {args.requests} requests, concurrency {CONCURRENCY}, beams 3, precomputed regions")
-    print_table(
-        ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"],
-        [
-            [name, f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}", r["errors"] or 0]
-            for name, r in [("batch size 1 (baseline)", single), ("@serve.batch max 8", batched), ("max 8, 2 replicas, 1 killed", killed)]
-        ],
-    )
-    print(f"throughput ratio batched / baseline: {batched['req_per_s'] / single['req_per_s']:.2f}x; "
-          f"p99 ratio: {batched['p99_ms'] / single['p99_ms']:.2f}x")
-    print(f"killed replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill run: {killed['errors'] or 0}")
-
-    start = time.perf_counter()
-    ds = write_synthetic_dataset(work / "gallery", num_train=0, num_val=args.gallery, seed=11)
-    print(f"\ngallery of {args.gallery} synthetic images written in {time.perf_counter() - start:.0f}s")
-    retrieval = retrieval_bench(retrieval_dir, str(ds.features_path), str(ds.text_path), args.queries, args.candidates)
-    brute = retrieval[0]
-    print(f"\nretrieval: {args.gallery}-image gallery, {args.queries} caption queries, top-10 (in-process engine, no HTTP)")
-    print_table(
-        ["method", "candidates", "p50 ms/query", "speed-up", "recall@10", "top-10 agreement with brute force"],
-        [
-            [r["method"], r["candidates"], f"{r['p50_ms']:.0f}", f"{brute['p50_ms'] / r['p50_ms']:.1f}x", f"{r['recall@10']:.2f}", f"{r['top10_agreement_with_brute']:.2f}"]
-            for r in retrieval
-        ],
-    )
+    results: dict = {}
+    if "caption" in args.parts:
+        results["caption"] = caption_part(caption_dir, retrieval_dir, str(small.features_path), body, args.requests)
+    if "retrieval" in args.parts:
+        results["retrieval"] = retrieval_part(work, retrieval_dir, args.gallery, args.queries, args.candidates)
     settings = {
         "requests": args.requests, "concurrency": CONCURRENCY, "num_beams": 3, "gallery": args.gallery,
         "queries": args.queries, "caption_model": args.caption_model or "tiny random init",
-        "retrieval_model": args.retrieval_model or "tiny random init",
+        "retrieval_model": args.retrieval_model or "tiny random init", "parts": args.parts,
     }
-    results = {"caption": {"batched": batched, "batch_size_1": single, "replica_killed": killed}, "retrieval": retrieval}
-    print(f"\nwrote {write_results('bench_serve', torch.device('cpu'), commit, settings, results)}")
+    name = "bench_serve" if len(args.parts) == 2 else f"bench_serve_{args.parts[0]}"
+    print(f"\nwrote {write_results(name, torch.device('cpu'), commit, settings, results)}")
     return 0
 
 

@@ -98,9 +98,13 @@ class RayHead:
         )
 
 
-def start_head(tmp_path_factory) -> Iterator[RayHead]:
-    """Start a head, yield it, stop it by its session's PIDs (a generator for a pytest fixture)."""
-    temp_dir = Path("/tmp") / f"mzr_e2e_{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+START_ATTEMPTS = 3  # a loaded machine can miss the raylet's fixed 15 s wait for its dashboard agent; try afresh
+
+
+def launch_head(log_dir: Path, attempt: int) -> tuple[subprocess.Popen, RayHead, Path]:
+    """`ray start --head --block` in a session of its own, every listening port explicit (other Rays on this
+    machine hold the defaults); returns the process, the client handle and its log file."""
+    temp_dir = Path("/tmp") / f"mzr_e2e_{os.getpid()}_{attempt}"  # short: Ray's socket paths must stay under 107 bytes
     gcs_port, dashboard_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -109,34 +113,48 @@ def start_head(tmp_path_factory) -> Iterator[RayHead]:
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    log_path = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
-    log = open(log_path, "w")
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            # every listening port explicit: other Rays on this machine hold the defaults
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT,
-    )
+    log_path = log_dir / f"ray_start_{attempt}.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [
+                str(BIN / "ray"), "start", "--head", "--block",
+                "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+            ],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT,
+        )
     url = f"http://127.0.0.1:{dashboard_port}"
-    ready = RayHead(url, temp_dir, sid=head.pid, env={**env, "RAY_API_SERVER_ADDRESS": url})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            probe = ready.run(str(BIN / "ray"), "job", "list", "--address", url, timeout_s=60)
-            if probe.returncode == 0:
-                break
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"ray start --head did not come up:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
-        yield ready
-    finally:
-        stop_session(head.pid)
-        log.close()
+    return head, RayHead(url, temp_dir, sid=head.pid, env={**env, "RAY_API_SERVER_ADDRESS": url}), log_path
+
+
+def start_head(tmp_path_factory) -> Iterator[RayHead]:
+    """Start a head, yield it, stop it by its session's PIDs (a generator for a pytest fixture).
+
+    A head that dies while starting is stopped and started again, up to START_ATTEMPTS times; one that is still
+    not answering `ray job list` after 120 s is a failure, with its log."""
+    log_dir = tmp_path_factory.mktemp("ray_head")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        head, ready, log_path = launch_head(log_dir, attempt)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                probe = ready.run(str(BIN / "ray"), "job", "list", "--address", ready.dashboard_url, timeout_s=60)
+                if probe.returncode == 0:
+                    break
+                died = head.poll() is not None
+                if (died and attempt == START_ATTEMPTS) or time.monotonic() > deadline:
+                    raise AssertionError(f"ray start --head did not come up:\n{log_path.read_text()[-4000:]}")
+                if died:
+                    break
+                time.sleep(2)
+            if probe.returncode != 0:
+                continue  # the finally below stops what is left of this attempt's session
+            yield ready
+            return
+        finally:
+            stop_session(head.pid)
