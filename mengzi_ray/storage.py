@@ -6,10 +6,12 @@ environment/config files and the endpoint from `AWS_ENDPOINT_URL`. Nothing here 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -57,3 +59,15 @@ def upload_dir(local_dir: str | Path, uri: str) -> str:
     fs, path = filesystem_for(uri)
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return uri
+
+
+def json_lines(text: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed value) for every non-blank line of a JSON-lines text; a line that is not JSON
+    raises ValueError("<source> line <n>: not JSON (...)")."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source} line {number}: not JSON ({exc})") from None

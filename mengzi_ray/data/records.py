@@ -3,7 +3,6 @@ produces the same records at scale; this is the path for tests, the demo and sin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.storage import json_lines
 from mengzi_ray.text import tag_string
 
 
@@ -28,18 +28,11 @@ class ImageRecord:
 def read_text_rows(path: str | Path) -> list[dict]:
     """Rows of a text jsonl (image_id, text, kind, split); a bad line is an error naming file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
-            missing = {"image_id", "text", "kind", "split"} - set(row)
-            if missing:
-                raise ValueError(f"{path}:{number}: missing fields {sorted(missing)}")
-            rows.append(row)
+    for number, row in json_lines(Path(path).read_text(encoding="utf-8"), str(path)):
+        missing = {"image_id", "text", "kind", "split"} - set(row)
+        if missing:
+            raise ValueError(f"{path} line {number}: missing fields {sorted(missing)}")
+        rows.append(row)
     return rows
 
 

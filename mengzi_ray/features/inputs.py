@@ -92,16 +92,10 @@ def _read_manifest(uri: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise ConfigError(f"input.uri {uri}: manifest not found") from None
     base = posixpath.dirname(uri) if uri.startswith("s3://") else str(Path(uri).resolve().parent)
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{uri} line {number}: not JSON ({exc})") from None
-        rows.append(_manifest_row(record, base, f"{uri} line {number}"))
-    return rows
+    try:
+        return [_manifest_row(record, base, f"{uri} line {number}") for number, record in storage.json_lines(text, uri)]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def list_inputs(section: InputSection) -> list[dict[str, Any]]:

@@ -111,6 +111,7 @@ def launch_head(log_dir: Path, attempt: int) -> tuple[subprocess.Popen, RayHead,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",  # the job's `mengzi-ray` and `python` come from this venv
         "RAY_AUTH_MODE": "token",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONUNBUFFERED": "1",  # `ray start --block` writes its "Ray runtime started." to a file: no buffering
     }
     env.pop("RAY_ADDRESS", None)
     log_path = log_dir / f"ray_start_{attempt}.log"
@@ -135,26 +136,31 @@ def launch_head(log_dir: Path, attempt: int) -> tuple[subprocess.Popen, RayHead,
 def start_head(tmp_path_factory) -> Iterator[RayHead]:
     """Start a head, yield it, stop it by its session's PIDs (a generator for a pytest fixture).
 
-    A head that dies while starting is stopped and started again, up to START_ATTEMPTS times; one that is still
-    not answering `ray job list` after 120 s is a failure, with its log."""
+    Ready means `ray start` printed "Ray runtime started." (the raylet registered: the job API can answer before
+    that and the raylet still die) and `ray job list` answers. A head that dies while starting is stopped and
+    started again, up to START_ATTEMPTS times; one not ready after 120 s is a failure, with its log."""
     log_dir = tmp_path_factory.mktemp("ray_head")
     for attempt in range(1, START_ATTEMPTS + 1):
         head, ready, log_path = launch_head(log_dir, attempt)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                probe = ready.run(str(BIN / "ray"), "job", "list", "--address", ready.dashboard_url, timeout_s=60)
-                if probe.returncode == 0:
-                    break
-                died = head.poll() is not None
-                if (died and attempt == START_ATTEMPTS) or time.monotonic() > deadline:
-                    raise AssertionError(f"ray start --head did not come up:\n{log_path.read_text()[-4000:]}")
-                if died:
-                    break
-                time.sleep(2)
-            if probe.returncode != 0:
-                continue  # the finally below stops what is left of this attempt's session
-            yield ready
-            return
+            if wait_until_ready(head, ready, log_path, last_attempt=attempt == START_ATTEMPTS):
+                yield ready
+                return
         finally:
             stop_session(head.pid)
+
+
+def wait_until_ready(head: subprocess.Popen, ready: RayHead, log_path: Path, last_attempt: bool) -> bool:
+    """True once the head is up; False when it died and another attempt may follow; AssertionError otherwise."""
+    deadline = time.monotonic() + 120
+    while True:
+        if "Ray runtime started." in log_path.read_text(errors="replace"):
+            probe = ready.run(str(BIN / "ray"), "job", "list", "--address", ready.dashboard_url, timeout_s=60)
+            if probe.returncode == 0 and head.poll() is None:
+                return True
+        died = head.poll() is not None
+        if died and not last_attempt:
+            return False
+        if died or time.monotonic() > deadline:
+            raise AssertionError(f"ray start --head did not come up:\n{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(2)

@@ -104,7 +104,7 @@ def test_gallery_loading_and_caption_rows(tiny, tmp_path):
     assert gallery.local_image("../../etc/passwd") is None
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image_id": "a", "text": "x"}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match="bad.jsonl line 1"):
         read_caption_rows(str(bad), None)
     limited = load_gallery(GallerySection(features=str(ds.features_path), max_images=3))
     assert len(limited) == 3 and limited.captions == []

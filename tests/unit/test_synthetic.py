@@ -192,3 +192,15 @@ def test_image_records_join_features_and_texts(dataset: SyntheticDataset, tmp_pa
     orphan.write_text(json.dumps({"image_id": "nowhere", "text": "红色的圆形", "kind": "caption", "split": "val"}) + "\n")
     with pytest.raises(ValueError, match="no features"):
         load_image_records(dataset.features_path, orphan, "val")
+
+
+def test_text_rows_name_the_file_and_line_of_a_bad_row(tmp_path: Path) -> None:
+    from mengzi_ray.data.records import read_text_rows
+
+    good = {"image_id": "a", "text": "红色的圆形", "kind": "caption", "split": "val"}
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps(good, ensure_ascii=False) + "\n\n{oops\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"text\.jsonl line 3: not JSON"):
+        read_text_rows(path)
+    path.write_text(json.dumps(good, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_text_rows(path) == [good]
