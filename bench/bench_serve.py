@@ -1,6 +1,8 @@
 """Serving figures (issue 7), measured on local Ray over loopback:
 
-1. caption req/s, p50, p99 at concurrency 16 with `@serve.batch` (max_batch_size 8) vs batch size 1 (baseline);
+1. caption req/s, p50, p99 at concurrency 16 with `@serve.batch` (max_batch_size 8) vs batch size 1 (baseline),
+   with the 64-wide tiny captioner (serving overhead dominates) or `--caption-shape base` (the real model's
+   compute per request);
 2. the bounded load test: 2,000 requests at concurrency 16 with one of two captioner replicas killed a third of
    the way in; errors counted exactly, the replacement replica observed;
 3. retrieval on a 10,000-image synthetic gallery: query latency and recall@10 of two-stage search (n-gram
@@ -12,6 +14,7 @@ trained ones (recall@10 against ground truth means something only with a trained
 brute-force agreement is the candidate stage's cost whatever the model).
 
     .venv/bin/python bench/bench_serve.py [--requests 2000] [--gallery 10000] [--queries 20]
+        [--parts batching kill retrieval] [--caption-shape tiny|base] [--retrieval-model DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from mengzi_ray.serving.settings import GallerySection, ServeAppConfig  # noqa: 
 from mengzi_ray.serving.tiny import write_tiny_models  # noqa: E402
 
 CONCURRENCY = 16
+PARTS = ["batching", "kill", "retrieval"]
 SHAPES = ["圆形", "正方形", "三角形"]
 
 
@@ -134,8 +138,19 @@ def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int,
     return rows
 
 
-def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict, requests: int) -> dict:
-    """Figures 1 and 2 on a local Ray: batched vs batch size 1, then two replicas with one killed mid-run."""
+def base_shaped_captioner(tiny_dir: Path, out_dir: Path) -> str:
+    """A random-init captioner of Mengzi-BERT-base's shape (768 hidden, 12 layers) with the tiny vocab and layout:
+    the compute per request of the real model, which the 64-wide tiny one lacks."""
+    from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
+
+    config = OscarConfig.load(tiny_dir, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    return str(OscarForCaptioning(config).save_pretrained(out_dir, vocab_file=tiny_dir / "vocab.txt"))
+
+
+def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict, requests: int, parts: list[str]) -> dict:
+    """Figures 1 and 2 on a local Ray: batched vs batch size 1 ("batching"), two replicas with one killed mid-run
+    ("kill")."""
     import ray
 
     for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s raylet registration window
@@ -146,25 +161,33 @@ def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict
             ray.shutdown()
             if attempt == 2:
                 raise
+    runs: dict[str, dict] = {}
     try:
-        batched = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 1), body, requests, None)
-        single = caption_load(app_config(caption_dir, retrieval_dir, features, 1, 1), body, requests, None)
-        killed = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 2), body, requests, requests // 3)
+        if "batching" in parts:
+            runs["batch_size_1"] = caption_load(app_config(caption_dir, retrieval_dir, features, 1, 1), body, requests, None)
+            runs["batched"] = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 1), body, requests, None)
+        if "kill" in parts:
+            runs["replica_killed"] = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 2), body, requests, requests // 3)
     finally:
         ray.shutdown()
 
-    print(f"\ncaption over HTTP: {requests} requests, concurrency {CONCURRENCY}, beams 3, precomputed regions")
+    names = {"batch_size_1": "batch size 1 (baseline)", "batched": "@serve.batch max 8", "replica_killed": "max 8, 2 replicas, 1 killed"}
+    print(f"\ncaption over HTTP: {requests} requests, concurrency {CONCURRENCY}, beams 3, precomputed regions, model {caption_dir}")
     print_table(
         ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"],
         [
-            [name, f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}", r["errors"] or 0]
-            for name, r in [("batch size 1 (baseline)", single), ("@serve.batch max 8", batched), ("max 8, 2 replicas, 1 killed", killed)]
+            [names[key], f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}", r["errors"] or 0]
+            for key, r in runs.items()
         ],
     )
-    print(f"throughput ratio batched / baseline: {batched['req_per_s'] / single['req_per_s']:.2f}x; "
-          f"p99 ratio: {batched['p99_ms'] / single['p99_ms']:.2f}x")
-    print(f"killed replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill run: {killed['errors'] or 0}")
-    return {"batched": batched, "batch_size_1": single, "replica_killed": killed}
+    if "batching" in parts:
+        batched, single = runs["batched"], runs["batch_size_1"]
+        print(f"throughput ratio batched / baseline: {batched['req_per_s'] / single['req_per_s']:.2f}x; "
+              f"p99 ratio: {batched['p99_ms'] / single['p99_ms']:.2f}x")
+    if "kill" in parts:
+        killed = runs["replica_killed"]
+        print(f"killed replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill run: {killed['errors'] or 0}")
+    return runs
 
 
 def retrieval_part(work: Path, retrieval_dir: str, gallery: int, queries: int, candidates: list[int]) -> list[dict]:
@@ -193,9 +216,11 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--caption-model", help="trained captioner dir (default: tiny random init)")
+    parser.add_argument("--caption-shape", choices=["tiny", "base"], default="tiny",
+                        help="random-init captioner shape when no --caption-model: tiny (64 wide) or base (768, 12 layers)")
     parser.add_argument("--retrieval-model", help="trained retrieval dir (default: tiny random init)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
-    parser.add_argument("--parts", nargs="+", choices=["caption", "retrieval"], default=["caption", "retrieval"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
     args = parser.parse_args()
 
     commit = git_commit()
@@ -203,22 +228,26 @@ def main() -> int:
     # The synthetic captions share one small grammar, so a vocab from 100 scenes covers any gallery of them.
     small = write_synthetic_dataset(work / "small", num_train=0, num_val=100, seed=5)
     caption_dir, retrieval_dir = write_tiny_models(small.text_path, SHAPES, work / "models")
+    if args.caption_model is None and args.caption_shape == "base":
+        caption_dir = base_shaped_captioner(caption_dir, work / "models" / "caption_base")
     caption_dir = args.caption_model or str(caption_dir)
     retrieval_dir = args.retrieval_model or str(retrieval_dir)
     row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
     body = {"regions": {"features": row["features"], "tags": row["tags"]}, "num_beams": 3}
 
     results: dict = {}
-    if "caption" in args.parts:
-        results["caption"] = caption_part(caption_dir, retrieval_dir, str(small.features_path), body, args.requests)
+    if {"batching", "kill"} & set(args.parts):
+        results["caption"] = caption_part(caption_dir, retrieval_dir, str(small.features_path), body, args.requests, args.parts)
     if "retrieval" in args.parts:
         results["retrieval"] = retrieval_part(work, retrieval_dir, args.gallery, args.queries, args.candidates)
     settings = {
         "requests": args.requests, "concurrency": CONCURRENCY, "num_beams": 3, "gallery": args.gallery,
-        "queries": args.queries, "caption_model": args.caption_model or "tiny random init",
+        "queries": args.queries, "caption_model": args.caption_model or f"{args.caption_shape}-shaped random init",
         "retrieval_model": args.retrieval_model or "tiny random init", "parts": args.parts,
     }
-    name = "bench_serve" if len(args.parts) == 2 else f"bench_serve_{args.parts[0]}"
+    name = "bench_serve" if set(args.parts) == set(PARTS) else "bench_serve_" + "_".join(args.parts)
+    if args.caption_model is None and args.caption_shape == "base":
+        name += "_base"
     print(f"\nwrote {write_results(name, torch.device('cpu'), commit, settings, results)}")
     return 0
 
