@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, print_table, write_results  # noqa: E402
 
 from mengzi_ray.datasets import write_synthetic_dataset  # noqa: E402
+from mengzi_ray.ray_runtime import start_local_ray  # noqa: E402
 from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402
 from mengzi_ray.serving.retrieval import CrossEncoder, RetrievalEngine, SearchQuery  # noqa: E402
@@ -153,14 +154,7 @@ def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict
     ("kill")."""
     import ray
 
-    for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s raylet registration window
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    start_local_ray(num_cpus=4, include_dashboard=False)
     runs: dict[str, dict] = {}
     try:
         if "batching" in parts:
@@ -228,7 +222,8 @@ def main() -> int:
     # The synthetic captions share one small grammar, so a vocab from 100 scenes covers any gallery of them.
     small = write_synthetic_dataset(work / "small", num_train=0, num_val=100, seed=5)
     caption_dir, retrieval_dir = write_tiny_models(small.text_path, SHAPES, work / "models")
-    if args.caption_model is None and args.caption_shape == "base":
+    base_shaped = args.caption_model is None and args.caption_shape == "base"
+    if base_shaped:
         caption_dir = base_shaped_captioner(caption_dir, work / "models" / "caption_base")
     caption_dir = args.caption_model or str(caption_dir)
     retrieval_dir = args.retrieval_model or str(retrieval_dir)
@@ -246,7 +241,7 @@ def main() -> int:
         "retrieval_model": args.retrieval_model or "tiny random init", "parts": args.parts,
     }
     name = "bench_serve" if set(args.parts) == set(PARTS) else "bench_serve_" + "_".join(args.parts)
-    if args.caption_model is None and args.caption_shape == "base":
+    if base_shaped:
         name += "_base"
     print(f"\nwrote {write_results(name, torch.device('cpu'), commit, settings, results)}")
     return 0

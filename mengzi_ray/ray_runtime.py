@@ -28,4 +28,21 @@ def ensure_ray(section: RaySection | None = None) -> None:
         ray.init(address=address)
         return
     log.info("starting an embedded Ray (num_cpus=%s)", section.num_cpus)
-    ray.init(address="local", num_cpus=section.num_cpus)
+    start_local_ray(section.num_cpus)
+
+
+def start_local_ray(num_cpus: float | None, include_dashboard: bool | None = None, attempts: int = 3) -> None:
+    """`ray.init(address="local", ...)`, tried up to `attempts` times: on a loaded machine the raylet can miss Ray's
+    fixed start-up waits ("node timed out during startup"), and a fresh start then passes. The last error is
+    raised when every attempt failed."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard)
+            return
+        except Exception:
+            ray.shutdown()  # what a half-started node left behind
+            if attempt == attempts:
+                raise
+            log.warning("embedded Ray did not start (attempt %d of %d); trying again", attempt, attempts)

@@ -10,14 +10,9 @@ import pytest
 def ray_local():
     import ray
 
-    for attempt in range(3):  # a loaded machine can miss the raylet's fixed startup waits; a fresh try passes
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=True)
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    from mengzi_ray.ray_runtime import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=4, include_dashboard=True)
     yield ray
     ray.shutdown()
