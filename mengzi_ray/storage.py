@@ -37,6 +37,28 @@ def filesystem_for(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(text)
 
 
+def read_bytes(uri: str) -> bytes:
+    """The whole file at a local path or s3:// URI."""
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file (local path or s3:// URI), creating local parent dirs; locally via a temp name + rename,
+    so a reader never sees half a file."""
+    if not is_remote(uri):
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return
+    fs, path = filesystem_for(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 def download_dir(uri: str, destination: str | Path | None = None) -> Path:
     """Copy every file under `uri` (recursively) into a local dir and return it; local paths are returned as is."""
     if not is_remote(uri):

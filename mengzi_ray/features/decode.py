@@ -70,15 +70,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes → (H, W, 3) uint8 RGB, upright (EXIF orientation applied), original resolution.
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_orientation: bool = True) -> np.ndarray:
+    """Encoded image bytes → (H, W, 3) uint8 RGB at original resolution.
 
+    exif_orientation=True (our detectors): upright (EXIF orientation applied), any mode converted as _to_rgb says.
+    False: the pixels as stored, converted with PIL's plain ``convert("RGB")`` (alpha dropped), exactly as
+    scene_graph_benchmark's datasets load images (data/datasets/utils/image_ops.py img_from_base64), so an
+    imported VinVL detector sees what the original saw.
     Multi-frame files (GIF, TIFF) give their first frame. Raises DecodeError for empty, unrecognised, truncated or
     corrupt data and for images with more than `max_pixels` pixels (checked before pixel data is decoded).
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     image = _open(data, max_pixels)
+    if not exif_orientation:
+        try:
+            rgb = image.convert("RGB")
+        except Exception as exc:
+            raise DecodeError(f"cannot convert {image.mode} image to RGB: {exc}") from None
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     try:
         upright = ImageOps.exif_transpose(image)
     except Exception as exc:

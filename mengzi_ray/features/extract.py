@@ -28,6 +28,7 @@ from mengzi_ray.config import JobFailed
 from mengzi_ray.features.card import DetectorSection, ExtractCard
 from mengzi_ray.features.decode import decode_image
 from mengzi_ray.features.detectors.base import Detections, build_detector, detections_to_row
+from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.inputs import list_inputs, read_uri
 from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
 
@@ -55,8 +56,9 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def read_and_decode(batch: pa.Table, max_pixels: int) -> pa.Table:
-    """Decode task: input rows → DECODED_SCHEMA rows; a failing row gets stage read/decode and its reason."""
+def read_and_decode(batch: pa.Table, max_pixels: int, exif_orientation: bool = True) -> pa.Table:
+    """Decode task: input rows → DECODED_SCHEMA rows; a failing row gets stage read/decode and its reason.
+    exif_orientation: the detector's (decode.decode_image)."""
     rows = []
     for row in batch.to_pylist():
         out = {**row, "width": 0, "height": 0, "pixels": b"", "stage": "", "error": ""}
@@ -66,7 +68,7 @@ def read_and_decode(batch: pa.Table, max_pixels: int) -> pa.Table:
             rows.append({**out, "stage": "read", "error": _message(exc)})
             continue
         try:
-            image = decode_image(data, max_pixels)
+            image = decode_image(data, max_pixels, exif_orientation=exif_orientation)
         except Exception as exc:
             rows.append({**out, "stage": "decode", "error": _message(exc)})
             continue
@@ -168,7 +170,8 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
     root = root.rstrip("/")
     blocks = max(1, math.ceil(len(rows) / card.input.rows_per_block))
     decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels}, batch_format="pyarrow",
+        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels, "exif_orientation": card.detector.exif_orientation},
+        batch_format="pyarrow",
         batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
     )
     results = decoded.map_batches(
@@ -203,6 +206,8 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
     images_per_s, output}. Raises JobFailed (after writing) when failed_total / processed > max_error_fraction."""
     from mengzi_ray.ray_runtime import ensure_ray
 
+    # an imported detector dir's settings (decode's EXIF handling included) apply from here on, read once
+    card = card.model_copy(update={"detector": resolve_detector(card.detector)})
     ensure_ray(card.ray)
     job_id = card.job_id or f"extract-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     inputs = list_inputs(card.input)

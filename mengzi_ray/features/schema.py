@@ -29,6 +29,9 @@ FEATURES_SCHEMA = pa.schema(
         ("tags", pa.list_(pa.string())),
         ("attributes", pa.list_(pa.string())),
         ("detector", pa.string()),
+        # every attribute the detector's attribute head kept per box, best first, and their scores
+        ("attribute_lists", pa.list_(pa.list_(pa.string()))),
+        ("attribute_scores", pa.list_(pa.list_(pa.float32()))),
     ]
 )
 
@@ -82,8 +85,11 @@ def feature_row(
     tags: Sequence[str],
     detector: str,
     attributes: Sequence[str] | None = None,
+    attribute_lists: Sequence[Sequence[str]] | None = None,
+    attribute_scores: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
-    """One row of FEATURES_SCHEMA as plain Python lists (what pyarrow and Ray Data both accept)."""
+    """One row of FEATURES_SCHEMA as plain Python lists (what pyarrow and Ray Data both accept); the attribute
+    columns are empty lists where the detector has no attribute head."""
     n = len(labels)
     if not (len(boxes) == len(appearance) == len(scores) == len(tags) == n):
         raise ValueError(
@@ -102,6 +108,8 @@ def feature_row(
         "tags": list(tags),
         "attributes": list(attributes) if attributes is not None else [],
         "detector": detector,
+        "attribute_lists": [list(a) for a in attribute_lists] if attribute_lists is not None else [],
+        "attribute_scores": [[float(v) for v in a] for a in attribute_scores] if attribute_scores is not None else [],
     }
 
 

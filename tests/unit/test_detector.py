@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from mengzi_ray.datasets import generate_scene
 from mengzi_ray.features.card import DetectorSection
 from mengzi_ray.features.detectors.base import Detections, Detector, build_detector, detections_to_row
-from mengzi_ray.features.detectors.torchvision_c4 import select_regions
+from mengzi_ray.features.detectors.rcnn_ops import nms, select_best_class
 from mengzi_ray.features.pixel_regions import PIXEL_DETECTOR_NAME, pixel_region_features
 from mengzi_ray.features.schema import REGION_DIM
 
@@ -37,21 +37,57 @@ def test_card_refuses_missing_weights_and_absent_detectron2() -> None:
     assert DetectorSection(backend="given_boxes", given_boxes_featurizer="pixel_crops").weights is None
 
 
-def test_select_regions_is_per_class_nms_then_best_class() -> None:
+def test_select_best_class_is_per_class_nms_then_best_surviving_class() -> None:
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [80, 80, 90, 90]], dtype=torch.float32)
     probs = torch.tensor(
-        [[0.1, 0.6, 0.3], [0.1, 0.5, 0.4], [0.2, 0.25, 0.55], [0.9, 0.05, 0.05]], dtype=torch.float32
+        [[0.1, 0.6, 0.3], [0.1, 0.5, 0.4], [0.2, 0.25, 0.55], [0.9, 0.06, 0.04]], dtype=torch.float32
     )
     per_class = boxes[:, None, :].expand(-1, 3, -1)
-    idx, cls, scores = select_regions(probs, per_class, score_threshold=0.2, nms_iou=0.3, min_boxes=0, max_boxes=10)
-    # class 1: box 0 (0.6) suppresses box 1 (0.5), box 2 (0.25) survives; class 2: box 2 (0.55) and box 1 (0.4)
-    # survive, box 1 suppresses box 0 (0.3). Each box keeps its best surviving class; box 3 is background.
+    kw = dict(nms_kind="torchvision")
+    idx, cls, scores = select_best_class(probs, per_class, score_threshold=0.2, min_detections=0, max_detections=10,
+                                         **kw)
+    # class 1: box 0 (0.6) suppresses box 1 (0.5); class 2: box 1 (0.4) suppresses box 0 (0.3). Each box keeps its
+    # best surviving class; box 3 (0.06) survives both NMS passes but scores below the threshold.
     assert idx.tolist() == [0, 2, 1] and cls.tolist() == [1, 2, 2]
     np.testing.assert_allclose(scores.numpy(), [0.6, 0.55, 0.4])
-    idx, _, _ = select_regions(probs, per_class, score_threshold=0.2, nms_iou=0.3, min_boxes=0, max_boxes=2)
+    idx, _, _ = select_best_class(probs, per_class, score_threshold=0.2, min_detections=0, max_detections=2, **kw)
     assert idx.tolist() == [0, 2]
-    idx, cls, scores = select_regions(probs, per_class, score_threshold=0.99, nms_iou=0.3, min_boxes=3, max_boxes=5)
-    assert idx.tolist() == [0, 2, 1] and cls.tolist() == [1, 2, 1]  # filled by best foreground score
+    idx, cls, _ = select_best_class(probs, per_class, score_threshold=0.99, min_detections=4, max_detections=5, **kw)
+    assert idx.tolist() == [0, 2, 1, 3] and cls.tolist() == [1, 2, 2, 1]  # filled up best first
+
+
+def test_legacy_nms_uses_plus_one_areas_and_suppresses_at_equality() -> None:
+    # legacy areas: 100 and 50, overlap 50 → IoU exactly 0.5; torchvision's areas 81 and 36 → IoU 0.444
+    boxes = torch.tensor([[0, 0, 9, 9], [0, 0, 9, 4], [20, 20, 30, 30]], dtype=torch.float32)
+    scores = torch.tensor([0.5, 0.9, 0.7])
+    assert nms(boxes, scores, 0.5, "legacy").tolist() == [1, 2]  # ascending index order, box 0 suppressed
+    assert nms(boxes, scores, 0.5, "torchvision").tolist() == [1, 2, 0]  # score order, nothing suppressed
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (200, 2))
+    wh = rng.uniform(1, 30, (200, 2))
+    many = torch.tensor(np.concatenate([xy, xy + wh], axis=1), dtype=torch.float32)
+    many_scores = torch.tensor(rng.uniform(0, 1, 200), dtype=torch.float32)
+    assert nms(many, many_scores, 0.3, "legacy").tolist() == legacy_nms_loop(many, many_scores, 0.3)
+
+
+def legacy_nms_loop(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
+    """The pre-June-2021 compiled CPU op, restated as a plain loop (float32 arithmetic)."""
+    b = boxes.numpy()
+    areas = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    order = np.argsort(-scores.numpy(), kind="stable")
+    suppressed = np.zeros(len(b), bool)
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        for j in order[pos + 1:]:
+            if suppressed[j]:
+                continue
+            w = max(np.float32(0), min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0]) + np.float32(1))
+            h = max(np.float32(0), min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1]) + np.float32(1))
+            inter = np.float32(w * h)
+            if inter / (areas[i] + areas[j] - inter) >= np.float32(threshold):
+                suppressed[j] = True
+    return [i for i in range(len(b)) if not suppressed[i]]
 
 
 def test_torchvision_c4_honours_the_contract(tmp_path: Path) -> None:

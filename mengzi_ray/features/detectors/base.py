@@ -28,8 +28,10 @@ class Detections:
     boxes: (N, 4) float32, x1, y1, x2, y2 in original-image pixels.
     scores: (N,) float32 confidence of each box's label.
     labels: N English class names, as the detector's label map has them.
-    attributes: N top attribute names where the detector has an attribute head, else None.
+    attributes: N top attribute names where the detector has an attribute head ("" for none), else None.
     features: (N, 2048) float32 pooled region features (the representation before the classifier).
+    attribute_lists / attribute_scores: per box, every attribute the attribute head kept and its score, best first
+    (scene_graph_benchmark's `attributes` / `attr_scores`), or None without an attribute head.
     """
 
     boxes: np.ndarray
@@ -37,6 +39,8 @@ class Detections:
     labels: list[str]
     attributes: list[str] | None
     features: np.ndarray
+    attribute_lists: list[list[str]] | None = None
+    attribute_scores: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -44,8 +48,10 @@ class Detections:
         self.features = np.asarray(self.features, dtype=np.float32).reshape(-1, APPEARANCE_DIM)
         n = len(self.boxes)
         sizes = {"scores": len(self.scores), "labels": len(self.labels), "features": len(self.features)}
-        if self.attributes is not None:
-            sizes["attributes"] = len(self.attributes)
+        for name in ("attributes", "attribute_lists", "attribute_scores"):
+            value = getattr(self, name)
+            if value is not None:
+                sizes[name] = len(value)
         wrong = {k: v for k, v in sizes.items() if v != n}
         if wrong:
             raise ValueError(f"Detections: {n} boxes but {wrong}")
@@ -117,4 +123,6 @@ def detections_to_row(
         tags=vocab.translate(detections.labels).tags if detections.labels else [],
         detector=detector,
         attributes=detections.attributes,
+        attribute_lists=detections.attribute_lists,
+        attribute_scores=detections.attribute_scores,
     )

@@ -14,7 +14,7 @@ import numpy as np
 
 from mengzi_ray.features.card import DetectorSection
 from mengzi_ray.features.detectors.base import Detections
-from mengzi_ray.features.detectors.torchvision_c4 import read_bytes
+from mengzi_ray.storage import read_bytes
 
 
 class Detectron2Detector:

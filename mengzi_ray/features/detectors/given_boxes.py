@@ -45,9 +45,11 @@ class GivenBoxesDetector:
         self.section = section
         self.c4 = None
         if section.given_boxes_featurizer == "torchvision_c4":
+            from mengzi_ray.features.detectors.detector_dir import resolve_detector
             from mengzi_ray.features.detectors.torchvision_c4 import load_c4
 
             self.c4 = load_c4(section)
+            self.section = resolve_detector(section)
             self.name = f"given_boxes:{self.c4.digest}"
         else:
             self.name = PIXEL_DETECTOR_NAME
@@ -72,19 +74,25 @@ class GivenBoxesDetector:
         return self._detect_c4(images, given)
 
     def _detect_c4(self, images: Sequence[np.ndarray], given: list[np.ndarray]) -> list[Detections]:
+        """The C4 box head on the given boxes (scene_graph_benchmark's FORCE_BOXES path): each box keeps its best
+        foreground class; attributes are conditioned on it."""
         import torch
 
-        from mengzi_ray.features.detectors.torchvision_c4 import to_tensors
+        from mengzi_ray.features.detectors.torchvision_c4 import pad_batch, preprocess, to_original
 
         model = self.c4.model
+        device = model.cls_score.weight.device
+        inputs = [preprocess(img, self.section) for img in images]
+        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in inputs]
         with torch.no_grad():
-            _, c4, scales = model.prepare(to_tensors(images))
-            resized = [(torch.from_numpy(b) / scales[i].repeat(2)).to(c4.device) for i, b in enumerate(given)]
-            pooled = model.region_features(c4, resized)
-            probs, _, attr_probs = model.classify(pooled)
-            pooled, probs = pooled.cpu(), probs.cpu()
-            attr_probs = attr_probs.cpu() if attr_probs is not None else None
-        best_score, best_cls = probs[:, 1:].max(dim=1)
+            c4 = model.trunk(pad_batch(inputs).to(device))
+            resized = [to_original(torch.from_numpy(b).float(), img.shape[:2], size).to(device)
+                       for b, img, size in zip(given, images, sizes)]
+            pooled = model.pooled_features(c4, resized)
+            probs, _ = model.classify(pooled)
+            best_score, best_cls = probs[:, 1:].max(dim=1)
+            best_cls = best_cls + 1
+            attr_probs = model.attribute_probs(pooled, best_cls) if model.attribute is not None else None
         out, start = [], 0
         for b in given:
             end = start + len(b)
@@ -94,10 +102,10 @@ class GivenBoxesDetector:
             out.append(
                 Detections(
                     boxes=b,
-                    scores=best_score[start:end].numpy(),
-                    labels=[self.c4.labels[c + 1] for c in best_cls[start:end].tolist()],
+                    scores=best_score[start:end].cpu().numpy(),
+                    labels=[self.c4.labels[c] for c in best_cls[start:end].tolist()],
                     attributes=attrs,
-                    features=pooled[start:end].numpy(),
+                    features=pooled[start:end].cpu().numpy(),
                 )
             )
             start = end
