@@ -34,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-train", type=int, default=200)
     synthetic.add_argument("--num-val", type=int, default=40)
     synthetic.add_argument("--seed", type=int, default=0)
+    detector = commands.add_parser(
+        "import-detector", help="a released maskrcnn_benchmark detector (VinVL) → a detector dir for extract",
+        description="Convert scene_graph_benchmark's checkpoint + labelmap + config (and test_sg_net.py's trailing "
+        "KEY VALUE overrides) into <out>/model.safetensors, labelmap.json, detector.yaml; see docs/detectors.md",
+    )
+    detector.add_argument("--format", default="maskrcnn_benchmark", choices=["maskrcnn_benchmark", "detectron2"])
+    detector.add_argument("--weights", required=True, help=".pth checkpoint (local or s3://)")
+    detector.add_argument("--labelmap", required=True, help="VG-SGG-dicts json (label_to_idx, attribute_to_idx)")
+    detector.add_argument("--config", required=True, help="the sgg/maskrcnn yaml config")
+    detector.add_argument("--out", required=True, help="detector dir to write (local or s3://)")
+    detector.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="yacs overrides, as test_sg_net.py")
     reference = commands.add_parser("config-reference", help="print the job-card reference (markdown)")
     reference.add_argument("--write", metavar="README", help="rewrite the generated block of this file instead")
     return parser
@@ -62,6 +73,19 @@ def run_command(name: str, config: str, overrides: list[str], check: bool = Fals
     return 0
 
 
+def _import_detector(args: argparse.Namespace) -> int:
+    from mengzi_ray.features.detector_import import DetectorImportError, run_import_detector
+
+    try:
+        summary = run_import_detector(format=args.format, weights=args.weights, labelmap=args.labelmap,
+                                      config=args.config, out=args.out, overrides=args.overrides)
+    except DetectorImportError as exc:
+        print(f"mengzi-ray import-detector: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, ensure_ascii=False, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -71,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         from mengzi_ray.demo import main as demo_main
 
         return demo_main(args.out, args.fast)
+    if args.command == "import-detector":
+        return _import_detector(args)
     if args.command == "config-reference":
         from mengzi_ray import config_reference
 

@@ -54,6 +54,18 @@ def _names(uri: str | None, key: str, expected: int | None, default: list[str] |
     return names
 
 
+def build_network(section: DetectorSection, num_attributes: int) -> C4FasterRCNN:
+    """The (randomly initialised) network a section describes, with an attribute head of `num_attributes`."""
+    return C4FasterRCNN(
+        depth=section.depth, groups=section.groups, width_per_group=section.width_per_group,
+        stride_in_1x1=section.stride_in_1x1, num_classes=section.num_classes, num_attributes=num_attributes,
+        stem_out_channels=section.stem_out_channels, res2_out_channels=section.res2_out_channels,
+        anchor_sizes=section.anchor_sizes, anchor_ratios=section.anchor_ratios, anchor_stride=section.anchor_stride,
+        pooler_resolution=section.pooler_resolution, pooler_sampling_ratio=section.pooler_sampling_ratio,
+        cls_embedding_dim=section.cls_embedding_dim, attr_embedding_dim=section.attr_embedding_dim,
+    )
+
+
 def load_c4(section: DetectorSection) -> LoadedC4:
     """Build the network the (resolved) section describes and load its weights, or random-init it (seeded)."""
     section = resolve_detector(section)
@@ -64,15 +76,7 @@ def load_c4(section: DetectorSection) -> LoadedC4:
     hasher = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
-        model = C4FasterRCNN(
-            depth=section.depth, groups=section.groups, width_per_group=section.width_per_group,
-            stride_in_1x1=section.stride_in_1x1, num_classes=section.num_classes,
-            num_attributes=len(attributes) if attributes else 0, stem_out_channels=section.stem_out_channels,
-            res2_out_channels=section.res2_out_channels, anchor_sizes=section.anchor_sizes,
-            anchor_ratios=section.anchor_ratios, anchor_stride=section.anchor_stride,
-            pooler_resolution=section.pooler_resolution, pooler_sampling_ratio=section.pooler_sampling_ratio,
-            cls_embedding_dim=section.cls_embedding_dim, attr_embedding_dim=section.attr_embedding_dim,
-        )
+        model = build_network(section, len(attributes) if attributes else 0)
     if section.weights:
         from safetensors.torch import load as load_safetensors
 
