@@ -130,7 +130,13 @@ def imported_row(key: str, vectors: np.ndarray, label: Any, features_uri: str, d
         boxes = vectors[:, APPEARANCE_DIM : APPEARANCE_DIM + 4] * np.float32([width, height, width, height])
     labels = [str(o["class"]) for o in objects]
     tags = meta.get("tags") or (TagVocabulary.default().translate(labels).tags if labels else [])
-    attributes = [o["attributes"][0] for o in objects if o.get("attributes")]
+    # scene_graph_benchmark writes `attributes` + `attr_scores` lists per object when asked; ours carry the top one
+    has_lists = bool(objects) and all("attr_scores" in o for o in objects)
+    attribute_lists = [[str(a) for a in o.get("attributes", [])] for o in objects] if has_lists else []
+    if has_lists:
+        attributes = [names[0] if names else "" for names in attribute_lists]
+    else:
+        attributes = [o["attributes"][0] for o in objects if o.get("attributes")]
     return {
         "image_id": key,
         "source": meta.get("source", f"{features_uri}#{key}"),
@@ -143,6 +149,8 @@ def imported_row(key: str, vectors: np.ndarray, label: Any, features_uri: str, d
         "tags": list(tags),
         "attributes": attributes if len(attributes) == len(objects) else [],
         "detector": meta.get("detector", detector),
+        "attribute_lists": attribute_lists,
+        "attribute_scores": [[float(v) for v in o["attr_scores"]] for o in objects] if has_lists else [],
     }
 
 
@@ -183,7 +191,10 @@ def prediction_json(row: dict[str, Any]) -> dict[str, Any]:
     objects = []
     for i, (rect, label, score) in enumerate(zip(row["boxes"], row["labels"], row["scores"])):
         obj = {"rect": [float(v) for v in rect], "bbox_id": i, "class": label, "conf": float(score)}
-        if row["attributes"]:
+        if row.get("attribute_lists"):
+            obj["attributes"] = list(row["attribute_lists"][i])
+            obj["attr_scores"] = [float(v) for v in row["attribute_scores"][i]]
+        elif row["attributes"]:
             obj["attributes"] = [row["attributes"][i]]
         objects.append(obj)
     return {"image_h": row["height"], "image_w": row["width"], "objects": objects, "tags": row["tags"],

@@ -22,6 +22,8 @@ DESIGN_FEATURES = {
     "features": "list<element: fixed_size_list<element: float>[2054]>",
     "scores": "list<element: float>", "labels": "list<element: string>", "tags": "list<element: string>",
     "attributes": "list<element: string>", "detector": "string",
+    "attribute_lists": "list<element: list<element: string>>",
+    "attribute_scores": "list<element: list<element: float>>",
 }
 DESIGN_ERRORS = {"source": "string", "image_id": "string", "stage": "string", "error": "string",
                  "job_id": "string"}

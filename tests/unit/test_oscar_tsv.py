@@ -96,3 +96,16 @@ def test_bad_rows_name_the_file_and_image(tmp_path: Path) -> None:
         run_import(card)
     with pytest.raises(ConfigError, match="no features/ directory"):
         run_export(ExportOscarCard(dataset=str(tmp_path / "nothing"), output=str(tmp_path / "x")))
+
+
+def test_attribute_lists_survive_the_predictions_json() -> None:
+    from mengzi_ray.features.oscar_tsv import imported_row, prediction_json
+    from mengzi_ray.features.schema import feature_row
+
+    row = feature_row(image_id="a", source="s", width=100, height=80, boxes=np.array([[1, 2, 30, 40], [5, 5, 9, 9]]),
+                      appearance=np.ones((2, 2048), np.float32), scores=[0.9, 0.5], labels=["dog", "cat"],
+                      tags=["狗", "猫"], detector="d", attributes=["black", ""],
+                      attribute_lists=[["black", "small"], []], attribute_scores=[[0.5, 0.25], []])
+    back = imported_row("a", np.asarray(row["features"], np.float32), prediction_json(row), "f.tsv", "x")
+    assert back["attribute_lists"] == [["black", "small"], []] and back["attribute_scores"] == [[0.5, 0.25], []]
+    assert back["attributes"] == ["black", ""]
