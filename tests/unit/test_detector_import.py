@@ -18,7 +18,7 @@ from mengzi_ray.features.detector_import import DetectorImportError, run_import_
 from mengzi_ray.features.detectors.base import build_detector
 from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.detectors.torchvision_c4 import build_network
-from tests.vinvl_checkpoint import ATTRIBUTES, CLASSES, SEED_OVERRIDES, write_tiny_vinvl_files
+from vinvl_checkpoint import ATTRIBUTES, CLASSES, SEED_OVERRIDES, write_tiny_vinvl_files
 
 TINY_SHAPE = dict(depth=50, groups=2, width_per_group=4, stride_in_1x1=False, num_classes=7, allow_random_weights=True)
 
