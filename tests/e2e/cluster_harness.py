@@ -9,6 +9,7 @@ Ray 2.60 ships it: the CLI client gets `RAY_AUTH_MODE=token`.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -110,6 +111,9 @@ def launch_head(log_dir: Path, attempt: int) -> tuple[subprocess.Popen, RayHead,
         **os.environ,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",  # the job's `mengzi-ray` and `python` come from this venv
         "RAY_AUTH_MODE": "token",
+        # the head's own token, shared with its clients through the environment: a fresh machine has no
+        # ~/.ray/auth_token, and `ray start` does not create one
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "PYTHONUNBUFFERED": "1",  # `ray start --block` writes its "Ray runtime started." to a file: no buffering
     }

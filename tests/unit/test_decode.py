@@ -61,6 +61,18 @@ def test_exif_orientation_is_applied() -> None:
     np.testing.assert_array_equal(image, np.rot90(rgb, k=-1))
 
 
+def test_scene_graph_benchmark_decoding_ignores_exif_and_drops_alpha() -> None:
+    rgb = gradient(40, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = decode_image(encode(Image.fromarray(rgb), "PNG", exif=exif), exif_orientation=False)
+    np.testing.assert_array_equal(stored, rgb)  # as stored, like PIL's open + convert("RGB")
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = [255, 0, 0, 255]
+    plain = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), exif_orientation=False)
+    assert plain[0, 0].tolist() == [255, 0, 0] and plain[1, 1].tolist() == [0, 0, 0]
+
+
 def test_first_frame_of_an_animation() -> None:
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     buf = io.BytesIO()

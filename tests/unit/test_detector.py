@@ -156,3 +156,27 @@ def test_detections_to_row_gives_oscar_vectors_and_chinese_tags() -> None:
     with pytest.raises(ValueError, match="1 boxes but"):
         Detections(boxes=np.zeros((1, 4)), scores=np.zeros(2), labels=["x"], attributes=None,
                    features=np.zeros((1, 2048)))
+
+
+def test_batches_pad_like_maskrcnn_and_bf16_autocast_runs_the_same_path() -> None:
+    section = DetectorSection(**TINY)
+    detector = build_detector(section)
+    big, small = images()[0], images()[0][:30, :40]
+    alone = detector.detect([big])[0]
+    batched = detector.detect([big, small])[0]  # the largest image is not padded: same numbers as alone
+    np.testing.assert_allclose(batched.features, alone.features, atol=1e-4)
+    np.testing.assert_array_equal(batched.boxes, alone.boxes)
+    bf16 = build_detector(section.model_copy(update={"autocast": "bf16"})).detect([big])[0]
+    assert 4 <= len(bf16.boxes) <= 5 and np.isfinite(bf16.features).all()
+    a, b = alone.features.mean(axis=0), bf16.features.mean(axis=0)  # same image, bf16 rounding through 50 layers
+    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.95
+
+
+def test_resize_rule_matches_maskrcnn_benchmark() -> None:
+    from mengzi_ray.features.detectors.torchvision_c4 import resized_size
+
+    assert resized_size(640, 480, 600, 1000) == (800, 600)
+    assert resized_size(480, 640, 600, 1000) == (600, 800)
+    assert resized_size(2000, 500, 600, 1000) == (1000, 250)  # long side capped: short side round(1000*500/2000)
+    assert resized_size(600, 900, 600, 1000) == (600, 900)  # already the size: untouched
+    assert resized_size(333, 500, 600, 1000) == (600, 900)  # int() truncation of 600 * 500 / 333 = 900.9
