@@ -119,7 +119,7 @@ CASES = [
     ("x_legacy_single", "x", "legacy", [[0], [1], [2]]),
     ("r50_torchvision_batch2", "r50", "torchvision", [[0, 1]]),
 ]
-N_PROPOSALS_KEPT = 50
+N_PROPOSALS_KEPT = 100  # == POST_NMS_TOP_N_TEST: all of them
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +247,8 @@ def set_variant(variant: str) -> list:
     want = tv_nms if variant == "torchvision" else legacy_nms
     patched = []
     for mod in _original_modules():
+        if mod.__name__ == "maskrcnn_benchmark._C":
+            continue  # _C.nms stays the legacy op
         for k, v in list(vars(mod).items()):
             if v is tv_nms or v is legacy_nms:
                 if v is not want:
@@ -391,7 +393,27 @@ def run_case(name, cfg_name, variant, batches, ctx, out_dir, tmp):
         model.backbone.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o)),
         model.rpn.register_forward_hook(lambda m, i, o: captured.__setitem__("proposals", o[0])),
         model.roi_heads.box.register_forward_hook(lambda m, i, o: captured.__setitem__("box_out", o)),
+        model.attribute.predictor.register_forward_hook(lambda m, i, o: captured.__setitem__("attr_logits", o[0])),
     ]
+    # instrumentation only: before each real call of the box post-processor's
+    # filter (filter_results_peter for NMS_FILTER 1), call it once more with no
+    # min/max detection limits to count the boxes passing SCORE_THRESH before
+    # the MIN_DETECTIONS fill-up / DETECTIONS_PER_IMG cut.  The returned
+    # detections are those of the unmodified call.
+    pp = model.roi_heads.box.post_processor
+    orig_filter = pp.filter_method
+    passing = []
+
+    def counting_filter(boxlist, num_classes, feature=None):
+        saved = pp.detections_per_img, pp.min_detections_per_img
+        pp.detections_per_img, pp.min_detections_per_img = 10 ** 9, 0
+        try:
+            passing.append(len(orig_filter(boxlist, num_classes, feature)))
+        finally:
+            pp.detections_per_img, pp.min_detections_per_img = saved
+        return orig_filter(boxlist, num_classes, feature)
+
+    pp.filter_method = counting_filter
     arrays = {}
     images_meta = []
     predictions = {}
@@ -411,10 +433,12 @@ def run_case(name, cfg_name, variant, batches, ctx, out_dir, tmp):
             scales.append(scale)
             orig.append((w, h))
         image_list = to_image_list(tensors, cfg.DATALOADER.SIZE_DIVISIBILITY)  # BatchCollator
+        passing.clear()
         with torch.no_grad():
             output = model(image_list.to(torch.device(cfg.MODEL.DEVICE)), None)
         output = [o.to(torch.device("cpu")) for o in output]
         batch_tensor = image_list.tensors
+        attr_probs = torch.softmax(captured["attr_logits"], -1).split([len(o) for o in output])
         for k, ii in enumerate(batch):
             p = f"img{flat_index}_"
             det = output[k]
@@ -439,6 +463,7 @@ def run_case(name, cfg_name, variant, batches, ctx, out_dir, tmp):
             arrays[p + "det_attr_labels"] = det.get_field("attr_labels").numpy().astype(np.int64)
             arrays[p + "det_attr_scores"] = det.get_field("attr_scores").numpy().astype(np.float32)
             scores = det.get_field("scores")
+            assert len(passing) == len(batch), passing  # NMS_FILTER 1 never re-enters the while loop here
             images_meta.append({
                 "index": flat_index,
                 "image": IMAGES[ii],
@@ -452,7 +477,10 @@ def run_case(name, cfg_name, variant, batches, ctx, out_dir, tmp):
                 "num_proposals": len(props),
                 "num_detections": len(det),
                 "num_det_ge_thresh": int((scores >= cfg.MODEL.ROI_HEADS.SCORE_THRESH).sum()),
-                "min_detections_fill_up": bool(len(det) > int((scores >= cfg.MODEL.ROI_HEADS.SCORE_THRESH).sum())),
+                "num_passing_before_limits": passing[k],
+                "num_attr_probs_above_thresh": int((attr_probs[k][:, 1:] > cfg.MODEL.ROI_ATTRIBUTE_HEAD.POSTPROCESS_ATTRIBUTES_THRESHOLD).sum()),
+                "min_detections_fill_up": bool(passing[k] < cfg.MODEL.ROI_HEADS.MIN_DETECTIONS_PER_IMG),
+                "detections_per_img_cut": bool(passing[k] > cfg.MODEL.ROI_HEADS.DETECTIONS_PER_IMG),
             })
             predictions[flat_index] = det
             keys.append(f"{IMAGES[ii].rsplit('.', 1)[0]}")
@@ -461,6 +489,7 @@ def run_case(name, cfg_name, variant, batches, ctx, out_dir, tmp):
     seconds = time.time() - t0
     for h in hooks:
         h.remove()
+    pp.filter_method = orig_filter
 
     # the original tsv writer (engine/inference.py convert_predictions_to_tsv) with the
     # config's TSV_SAVE_SUBSET plus the attribute fields it knows how to write
@@ -659,7 +688,7 @@ def main():
             all_arrays[name] = arrays
             for im in meta["images"]:
                 print(f"   {im['image']}: resized {im['resized_hw']} props {im['num_proposals']} "
-                      f"dets {im['num_detections']} (>=thr {im['num_det_ge_thresh']}) "
+                      f"dets {im['num_detections']} (passing {im['num_passing_before_limits']}) "
                       f"classes {list(all_arrays[name]['img%d_class_names' % im['index']][:6])}", flush=True)
 
         # checks the issue asks for
@@ -680,9 +709,9 @@ def main():
             for im in meta["images"]:
                 assert im["num_det_ge_thresh"] > 0, (meta["name"], im)
         fill = [(m["name"], im["image"]) for m in results for im in m["images"] if im["min_detections_fill_up"]]
-        cut = [(m["name"], im["image"]) for m in results for im in m["images"] if im["num_det_ge_thresh"] > 20]
+        cut = [(m["name"], im["image"]) for m in results for im in m["images"] if im["detections_per_img_cut"]]
         checks["images where MIN_DETECTIONS_PER_IMG fill-up happened"] = fill
-        checks["images where DETECTIONS_PER_IMG cut happened (>20 passing)"] = cut
+        checks["images where DETECTIONS_PER_IMG cut happened"] = cut
         a = all_arrays.get("r50_torchvision_single")
         b = all_arrays.get("r50_torchvision_batch2")
         if a is not None and b is not None:
