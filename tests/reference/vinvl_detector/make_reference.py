@@ -646,7 +646,7 @@ def main():
         for name in CONFIGS:
             cfg = build_cfg(op.join(out_dir, f"config_{name}.yaml"), opts_for(1, out_dir))
             with open(op.join(out_dir, f"config_{name}.full.yaml"), "w") as f:
-                f.write(cfg.dump())
+                f.write(cfg.dump().replace(out_dir, "<this folder>").replace(op.abspath(args.sgb), "<sgb>"))
             from scene_graph_benchmark.AttrRCNN import AttrRCNN
             skeleton = AttrRCNN(cfg)
             sd = skeleton.state_dict()
