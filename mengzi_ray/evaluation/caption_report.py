@@ -35,12 +35,16 @@ def find_cjk_font() -> Path | None:
     """Path of an installed font with CJK glyphs (first of CJK_FONT_NAMES matplotlib knows), or None."""
     from matplotlib import font_manager
 
-    by_name = {f.name: f.fname for f in font_manager.fontManager.ttflist}
-    for wanted in CJK_FONT_NAMES:
-        for name, path in sorted(by_name.items()):
-            if name.startswith(wanted):
-                return Path(path)
-    return None
+    def lookup(manager) -> Path | None:
+        by_name = {f.name: f.fname for f in manager.ttflist}
+        for wanted in CJK_FONT_NAMES:
+            for name, path in sorted(by_name.items()):
+                if name.startswith(wanted):
+                    return Path(path)
+        return None
+
+    # matplotlib's font cache does not notice fonts installed after it was written: rescan once before giving up
+    return lookup(font_manager.fontManager) or lookup(font_manager.FontManager())
 
 
 def draw_examples(examples: Sequence[Example], out_path: str | Path, font: Path) -> Path:
