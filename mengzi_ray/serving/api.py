@@ -136,8 +136,10 @@ class Api:
         default_num_beams: int,
         auth_token_env: str | None,
         commit: str | None,
+        exif_orientation: bool = True,
     ):
         self.detector, self.captioner, self.retriever = detector, captioner, retriever
+        self.exif_orientation = exif_orientation
         self.limits, self.default_num_beams, self.commit = limits, default_num_beams, commit
         self.auth = BearerAuth(auth_token_env)
         _body_limit["bytes"] = limits.max_body_bytes
@@ -168,7 +170,7 @@ class Api:
             except (binascii.Error, ValueError):
                 raise ApiError(422, "bad_base64", "image_base64 is not valid base64", "image_base64") from None
         try:
-            image = decode_image(upload, self.limits.max_pixels)
+            image = decode_image(upload, self.limits.max_pixels, exif_orientation=self.exif_orientation)
         except DecodeError as exc:
             raise ApiError(422, "bad_image", f"image: {exc}", "image") from None
         boxes = None

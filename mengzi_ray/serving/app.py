@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.serving.api import Api
 from mengzi_ray.serving.deployments import Captioner, Detector, Retriever
 from mengzi_ray.serving.settings import ServeAppConfig
@@ -45,6 +46,8 @@ def compose_app(config: ServeAppConfig, *, ingress_runtime_env: dict[str, Any] |
         config.default_num_beams,
         config.auth_token_env,
         source_commit(),
+        # uploads are decoded the way the detector's weights expect (an imported VinVL dir: no EXIF rotation)
+        resolve_detector(config.detector.model).exif_orientation,
     )
 
 
