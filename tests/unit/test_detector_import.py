@@ -18,6 +18,7 @@ from mengzi_ray.features.detector_import import DetectorImportError, run_import_
 from mengzi_ray.features.detectors.base import build_detector
 from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.detectors.torchvision_c4 import build_network
+from test_storage_s3 import s3_endpoint  # noqa: F401  (fixture)
 from vinvl_checkpoint import ATTRIBUTES, CLASSES, SEED_OVERRIDES, write_tiny_vinvl_files
 
 TINY_SHAPE = dict(depth=50, groups=2, width_per_group=4, stride_in_1x1=False, num_classes=7, allow_random_weights=True)
@@ -114,3 +115,22 @@ def test_a_card_without_weights_or_model_dir_is_refused() -> None:
         DetectorSection()
     with pytest.raises(ValueError, match="either model_dir .* or weights"):
         DetectorSection(model_dir="d", weights="w.safetensors")
+
+
+def test_a_detector_dir_on_s3(files: dict[str, Path], s3_endpoint: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mengzi-models")
+    _import(files, "s3://mengzi-models/detectors/tiny")
+    section = resolve_detector(DetectorSection(model_dir="s3://mengzi-models/detectors/tiny"))
+    assert section.weights == "s3://mengzi-models/detectors/tiny/model.safetensors" and section.exif_orientation is False
+    image = np.random.default_rng(1).integers(0, 255, (100, 140, 3), np.uint8)
+    local = build_detector(DetectorSection(model_dir=str(_import_local(files))))
+    np.testing.assert_array_equal(build_detector(section).detect([image])[0].features,
+                                  local.detect([image])[0].features)
+
+
+def _import_local(files: dict[str, Path]) -> Path:
+    out = files["weights"].parent / "local_dir"
+    _import(files, out)
+    return out
