@@ -43,6 +43,42 @@ def sets(overrides: list[str]) -> list[str]:
     return [part for o in overrides for part in ("--set", o)]
 
 
+def test_bringing_the_vinvl_detector_is_two_commands(ray_head: RayHead, synthetic, tmp_path: Path) -> None:
+    """README "Bringing the VinVL detector": import-detector on released-format files (here a tiny random-weight
+    maskrcnn_benchmark checkpoint the test writes), then the extract_vinvl card pointed at the dir, through
+    `ray job submit` (the GPU actor resources cut to this CPU head). It runs before the Serve test below, whose
+    deployed app holds 3.5 of the head's 4 CPUs."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from mengzi_ray.features.card import DetectorSection
+    from mengzi_ray.features.detectors.torchvision_c4 import build_network
+    from vinvl_checkpoint import ATTRIBUTES, CLASSES, SEED_OVERRIDES, write_tiny_vinvl_files
+
+    torch.manual_seed(0)
+    shape = DetectorSection(depth=50, groups=2, width_per_group=4, num_classes=len(CLASSES) + 1,
+                            allow_random_weights=True)
+    files = write_tiny_vinvl_files(tmp_path / "released", build_network(shape, len(ATTRIBUTES) + 1))
+    detector_dir, features = tmp_path / "vinvl_tiny", tmp_path / "vinvl_features"
+    imported = subprocess.run(
+        [str(BIN / "mengzi-ray"), "import-detector", "--weights", str(files["weights"]), "--labelmap",
+         str(files["labelmap"]), "--config", str(files["config"]), "--out", str(detector_dir), *SEED_OVERRIDES],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    ray_head.submit("mengzi-ray", "extract", "--config", "jobs/extract_vinvl.yaml", *sets([
+        f"detector.model_dir={detector_dir}", f"input.uri={synthetic.images_dir / 'val'}", f"output={features}",
+        "actors.num_gpus=0", "actors.num_cpus=1", "actors.max_size=1"]), timeout_s=600)
+    summary = json.loads((features / "summary.json").read_text())
+    assert summary["done"] == summary["inputs"] == synthetic.num_val and summary["failed_total"] == 0
+    rows = pq.read_table(features / "features").to_pylist()
+    assert all(3 <= len(r["boxes"]) <= 12 and set(r["labels"]) <= set(CLASSES) for r in rows)
+    assert all(len(r["attribute_lists"]) == len(r["boxes"]) for r in rows)
+    assert {r["detector"] for r in rows} == {rows[0]["detector"]} and rows[0]["detector"].startswith("torchvision_c4:")
+
+
 def test_jobs_then_serve_deploy_then_http(ray_head: RayHead, synthetic, tmp_path: Path) -> None:
     ds = synthetic
     out = tmp_path
@@ -123,37 +159,3 @@ def test_a_failing_job_exits_non_zero_with_its_log_tail(ray_head: RayHead, tmp_p
         ray_head.submit("mengzi-ray", "extract", "--config", str(card), timeout_s=300)
     assert "exited" in str(info.value) and "/nonexistent/images" in str(info.value)
 
-
-def test_bringing_the_vinvl_detector_is_two_commands(ray_head: RayHead, synthetic, tmp_path: Path) -> None:
-    """README "Bringing the VinVL detector": import-detector on released-format files (here a tiny random-weight
-    maskrcnn_benchmark checkpoint the test writes), then the extract_vinvl card pointed at the dir, through
-    `ray job submit` (the GPU actor resources cut to this CPU head)."""
-    import subprocess
-
-    import pyarrow.parquet as pq
-    import torch
-
-    from mengzi_ray.features.card import DetectorSection
-    from mengzi_ray.features.detectors.torchvision_c4 import build_network
-    from vinvl_checkpoint import ATTRIBUTES, CLASSES, SEED_OVERRIDES, write_tiny_vinvl_files
-
-    torch.manual_seed(0)
-    shape = DetectorSection(depth=50, groups=2, width_per_group=4, num_classes=len(CLASSES) + 1,
-                            allow_random_weights=True)
-    files = write_tiny_vinvl_files(tmp_path / "released", build_network(shape, len(ATTRIBUTES) + 1))
-    detector_dir, features = tmp_path / "vinvl_tiny", tmp_path / "vinvl_features"
-    imported = subprocess.run(
-        [str(BIN / "mengzi-ray"), "import-detector", "--weights", str(files["weights"]), "--labelmap",
-         str(files["labelmap"]), "--config", str(files["config"]), "--out", str(detector_dir), *SEED_OVERRIDES],
-        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
-    )
-    assert imported.returncode == 0, imported.stderr[-3000:]
-    ray_head.submit("mengzi-ray", "extract", "--config", "jobs/extract_vinvl.yaml", *sets([
-        f"detector.model_dir={detector_dir}", f"input.uri={synthetic.images_dir / 'val'}", f"output={features}",
-        "actors.num_gpus=0", "actors.num_cpus=1", "actors.max_size=1"]), timeout_s=600)
-    summary = json.loads((features / "summary.json").read_text())
-    assert summary["done"] == summary["inputs"] == synthetic.num_val and summary["failed_total"] == 0
-    rows = pq.read_table(features / "features").to_pylist()
-    assert all(3 <= len(r["boxes"]) <= 12 and set(r["labels"]) <= set(CLASSES) for r in rows)
-    assert all(len(r["attribute_lists"]) == len(r["boxes"]) for r in rows)
-    assert {r["detector"] for r in rows} == {rows[0]["detector"]} and rows[0]["detector"].startswith("torchvision_c4:")
