@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
