@@ -6,8 +6,8 @@ out OUTSIDE this repository, on tiny random-weight configs and three skimage
 photos, and writes compressed .npz references plus the configs / labelmap /
 state-dict manifests a re-implementation needs.  See README.md in this folder.
 
-    PYTHONPATH=/work/scratch/pydeps python tests/reference/vinvl_detector/make_reference.py \
-        --sgb /work/scratch/sgb --out tests/reference/vinvl_detector/
+    PYTHONPATH=$SCRATCH/pydeps python tests/reference/vinvl_detector/make_reference.py \
+        --sgb $SCRATCH/sgb --out tests/reference/vinvl_detector/
 
 Nothing of the original is copied here: it is imported from --sgb.  Import-time
 shims (installed by install_shims) are listed in README.md.
