@@ -60,7 +60,9 @@ class RetrievalEvalSection(Section):
         None, description="rerank mode: JSON {image_id: [[image_id, caption_index], ...]} candidate pairs"
     )
     chunk_size: int = Field(4096, ge=1, description="pairs per actor task; a multiple of actors.batch_size")
-    att_mask_type: Literal["CLR", "CL", "CR", "LR"] = Field("CLR", description="attention mask of the model")
+    att_mask_type: Literal["CLR", "CL", "CR", "LR"] = Field(
+        "CLR", description="attention mask: the model dir's is used; a value set here that differs is refused"
+    )
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
 
 

@@ -16,8 +16,17 @@ import pyarrow.parquet as pq
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text import tag_string
+from mengzi_ray.text.tags import TagVocabulary
 
-EVAL_COLUMNS = ["image_id", "features", "tags", "source"]
+EVAL_COLUMNS = ["image_id", "features", "tags", "labels", "source"]
+
+
+def od_label_string(labels: list[str] | None, tags: list[str], tag_map: str | None) -> str:
+    """The od-label string a model is fed: the English `labels` translated with the model dir's tag map when the
+    row has them (so a released checkpoint sees the Langboat tags it was trained with), else the stored tags."""
+    if tag_map and labels and len(labels) == len(tags):
+        return tag_string(TagVocabulary.named(tag_map).translate(labels).tags)
+    return tag_string(tags)
 
 
 def feature_ids(uri: str) -> list[str]:
@@ -30,17 +39,20 @@ def feature_ids(uri: str) -> list[str]:
     return table.column("image_id").to_pylist()
 
 
-def load_regions(uri: str, image_ids: list[str]) -> dict[str, tuple[np.ndarray, str, str]]:
-    """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids."""
+def load_regions(uri: str, image_ids: list[str], tag_map: str | None = None) -> dict[str, tuple[np.ndarray, str, str]]:
+    """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids; the od labels through
+    `tag_map` (see od_label_string)."""
     fs, path = filesystem_for(uri)
     table = pq.read_table(path, columns=EVAL_COLUMNS, filesystem=fs, filters=pc.field("image_id").isin(image_ids))
     columns = zip(
         table.column("image_id").to_pylist(),
         region_arrays(table.column("features")),
         table.column("tags").to_pylist(),
+        table.column("labels").to_pylist(),
         table.column("source").to_pylist(),
     )
-    return {image_id: (regions, tag_string(tags), source) for image_id, regions, tags, source in columns}
+    return {image_id: (regions, od_label_string(labels, tags, tag_map), source)
+            for image_id, regions, tags, labels, source in columns}
 
 
 def read_feature_dataset(uri: str, image_ids: list[str]) -> Any:

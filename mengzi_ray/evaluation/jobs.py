@@ -36,7 +36,9 @@ from mengzi_ray.evaluation.references import (
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, rerank_pairs, score_pairs
 from mengzi_ray.evaluation.retrieval_metrics import rerank_recall, retrieval_recall
 from mengzi_ray.ray_runtime import ensure_ray
-from mengzi_ray.storage import is_remote
+from mengzi_ray.modeling.config import OscarConfig
+from mengzi_ray.modeling.model_dir import input_layout
+from mengzi_ray.storage import download_dir, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
     ensure_ray(card.ray)
     if not is_remote(card.model_dir) and not (Path(card.model_dir) / "config.json").is_file():
         raise ConfigError(f"model_dir: {card.model_dir} is not a model dir (no config.json)")
+    layout = _model_layout(card)
     references, image_ids, warnings = _plan(card)
     out = Path(card.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,14 +58,31 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
         "features": card.features,
         "references": card.references,
         "split": card.split,
+        "model_layout": layout,
         "warnings": warnings,
     }
     if card.task == "caption":
         summary.update(_evaluate_captions(card, references, image_ids, out, summary))
     else:
-        summary.update(_evaluate_retrieval(card, references, image_ids, out))
+        summary.update(_evaluate_retrieval(card, references, image_ids, out, layout))
     (out / "metrics.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     return summary
+
+
+def _model_layout(card: EvaluateCard) -> dict[str, Any]:
+    """The input layout the model dir records (config.json, or an original dir's training_args.bin); a card value
+    that contradicts it is refused, naming the field."""
+    try:
+        config = OscarConfig.load(download_dir(card.model_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"model_dir: {exc}") from None
+    if card.task == "retrieval" and "att_mask_type" in card.retrieval.model_fields_set \
+            and card.retrieval.att_mask_type != config.att_mask_type:
+        raise ConfigError(f"retrieval.att_mask_type: the card says {card.retrieval.att_mask_type} but model dir "
+                          f"{card.model_dir} was trained with {config.att_mask_type} (from {config.layout_source})")
+    layout = input_layout(config)
+    log.info("model dir %s: input layout %s", card.model_dir, layout)
+    return layout
 
 
 def _plan(card: EvaluateCard) -> tuple[dict[str, list[str]], list[str], list[str]]:
@@ -173,12 +193,13 @@ def _write_human_report(
 
 
 def _evaluate_retrieval(
-    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path
+    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path, layout: dict[str, Any]
 ) -> dict[str, Any]:
     ret = card.retrieval
     gallery_ids = _gallery_ids(card, image_ids)
     try:
-        gallery = build_gallery(gallery_ids, references, load_regions(card.features, gallery_ids), ret.captions_per_image)
+        regions = load_regions(card.features, gallery_ids, layout["tag_map"])
+        gallery = build_gallery(gallery_ids, references, regions, ret.captions_per_image)
         if ret.mode == "rerank":
             pairs, labels, queries = rerank_pairs(gallery, _read_candidates(ret.candidates), ret.captions_per_image)
         else:
@@ -193,7 +214,7 @@ def _evaluate_retrieval(
         num_actors=card.actors.num_actors,
         chunk_size=ret.chunk_size,
         batch_size=card.actors.batch_size,
-        att_mask_type=ret.att_mask_type,
+        att_mask_type=layout["att_mask_type"],
         num_gpus_per_actor=card.actors.num_gpus_per_actor,
         num_cpus_per_actor=card.actors.num_cpus_per_actor,
     )

@@ -18,6 +18,7 @@ import numpy as np
 from ray import serve
 
 from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, CaptionResult, RegionSet
 from mengzi_ray.serving.errors import ApiError
 from mengzi_ray.serving.gallery import load_gallery
@@ -175,6 +176,7 @@ class Captioner:
             "vocab_size": cfg.vocab_size,
             "max_gen_length": self.engine.max_gen_length,
             "max_regions": self.engine.max_regions,
+            "input_layout": input_layout(cfg),
             **self.stats.as_dict(),
         }
 
@@ -233,6 +235,7 @@ class Retriever:
         gallery = self.engine.gallery
         return {
             "model_dir": self.engine.encoder.model_dir,
+            "input_layout": input_layout(self.engine.encoder.model.config),
             "gallery": self.gallery_section.features,
             "gallery_images": len(gallery),
             "gallery_captions": len(gallery.captions),

@@ -29,7 +29,7 @@ from mengzi_ray.text import load_tokenizer, normalize_text, tag_string
 
 _NOT_WORD = re.compile(r"[^\w]+")
 # What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
-LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels")
+LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
 
 
 def char_ngrams(text: str) -> list[str]:

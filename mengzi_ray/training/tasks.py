@@ -29,6 +29,7 @@ from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
+from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.modeling.inference import caption_images, collate
 from mengzi_ray.training.caption_local import MODEL_INPUTS
@@ -72,8 +73,10 @@ class Task(ABC):
         self.tokenizer = tokenizer
 
     def config_overrides(self) -> dict[str, Any]:
-        """OscarConfig fields the card sets for this task."""
-        return {"img_feature_dim": self.card.model.img_feature_dim, "use_img_layernorm": self.card.model.use_img_layernorm}
+        """OscarConfig fields the card sets for this task. Training feeds the dataset's stored tags (tag_map None)
+        and the layout written to config.json is the card's (layout_source)."""
+        return {"img_feature_dim": self.card.model.img_feature_dim, "use_img_layernorm": self.card.model.use_img_layernorm,
+                "tag_map": None, "layout_source": "config.json (training card)"}
 
     @abstractmethod
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
@@ -163,7 +166,10 @@ class RetrievalTask(Task):
 
     def config_overrides(self) -> dict[str, Any]:
         r = self.card.retrieval
-        return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels}
+        return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels,
+                "max_seq_length": r.max_seq_length, "att_mask_type": r.att_mask_type,
+                # unused by retrieval; kept within max_seq_length so the config stays valid
+                "max_seq_a_length": min(OscarConfig.max_seq_a_length, r.max_seq_length)}
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""
