@@ -4,7 +4,10 @@ The pycocoevalcap scorers are fed pre-tokenised text directly, bypassing PTBToke
 tokenisation is ours and every result names it:
 
 * ``"char"`` — character level, the Oscar-native reading: each CJK character is a token.
-* ``"jieba"`` — word level as the AI Challenger (AIC-ICC) kit does it: "。" removed, jieba precise mode.
+* ``"jieba"`` — word level close to the AI Challenger (AIC-ICC) kit: "。" removed, jieba precise mode (but
+  NFKC-normalised and every punctuation token dropped, which the kit does not do).
+* ``"aic_icc"`` — the kit's exact protocol (evaluation/aic_icc.py): jieba as the kit calls it, then the coco-caption
+  PTBTokenizer on both sides; an empty prediction rejects the whole set (SubmissionRejected). Needs Java.
 
 METEOR 1.5 (``-norm``) splits CJK into characters itself, so it is character level under either tokenisation.
 CIDEr takes document frequencies from the evaluated references (corpus mode, as Oscar's evaluation does), so it is
@@ -29,9 +32,11 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
+from mengzi_ray.evaluation.aic_icc import aic_icc_inputs
+
 logger = logging.getLogger(__name__)
 
-Tokenization = Literal["char", "jieba"]
+Tokenization = Literal["char", "jieba", "aic_icc"]
 METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")
 _MAX_IDS_IN_ERROR = 5
 _LATIN_RUN = re.compile(r"[A-Za-z0-9]+")
@@ -102,12 +107,15 @@ def score_captions(
     is empty, or images with references lack a prediction (unless ``allow_missing_predictions``, which excludes
     them, counts them in ``missing_predictions`` and logs a warning); TypeError when a caption is not a string.
     METEOR is skipped, with the reason in ``skipped``, when no ``java`` is on PATH. An empty prediction is
-    allowed and scores 0.
+    allowed and scores 0, except under ``aic_icc``, which raises SubmissionRejected as the kit does.
     """
     wanted = _check_metrics(metrics)
     ids, missing = _check_inputs(predictions, references, allow_missing_predictions)
-    res = {i: [tokenize_for_metrics(predictions[i], tokenization)] for i in ids}
-    gts = {i: [tokenize_for_metrics(r, tokenization) for r in references[i]] for i in ids}
+    if tokenization == "aic_icc":
+        gts, res = aic_icc_inputs(predictions, references, ids)
+    else:
+        res = {i: [tokenize_for_metrics(predictions[i], tokenization)] for i in ids}
+        gts = {i: [tokenize_for_metrics(r, tokenization) for r in references[i]] for i in ids}
 
     scores: dict[str, float] = {}
     skipped: dict[str, str] = {}

@@ -32,10 +32,11 @@ class CaptionEvalSection(Section):
 
     num_beams: int = Field(5, ge=1, description="beam width (Mengzi-Oscar: 5)")
     max_gen_length: int = Field(20, ge=3, description="caption budget incl. [CLS]/[SEP] (Mengzi-Oscar: 20)")
-    tokenizations: list[Literal["char", "jieba"]] = Field(
+    tokenizations: list[Literal["char", "jieba", "aic_icc"]] = Field(
         default_factory=lambda: ["char", "jieba"],
         min_length=1,
-        description="metric tokenisations: char (Oscar-native) and/or jieba (AIC-ICC kit)",
+        description="metric tokenisations: char (Oscar-native), jieba (word level, kit-like), aic_icc (the AIC-ICC "
+        "kit's exact protocol: jieba + PTB tokenizer; needs Java; an empty prediction rejects the set)",
     )
     metrics: list[Literal["Bleu", "METEOR", "ROUGE_L", "CIDEr"]] = Field(
         default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"], min_length=1

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from mengzi_ray.config import ConfigError
 from mengzi_ray.evaluation.caption_inference import predict_captions
+from mengzi_ray.evaluation.aic_icc import SubmissionRejected
 from mengzi_ray.evaluation.caption_metrics import CaptionScores, score_captions
 from mengzi_ray.evaluation.caption_report import Example, draw_examples, find_cjk_font, write_report
 from mengzi_ray.evaluation.card import EvaluateCard
@@ -134,7 +135,13 @@ def _evaluate_captions(
         name = pred_tsv_name(Path(card.features).stem, card.split or "all", cap.num_beams, cap.max_gen_length, True)
         files["pred_tsv"] = str(write_pred_tsv(table, out / name))
 
-    results = [score_captions(predictions, refs, tokenization=t, metrics=cap.metrics) for t in cap.tokenizations]
+    results, rejected = [], {}
+    for tokenization in cap.tokenizations:
+        try:
+            results.append(score_captions(predictions, refs, tokenization=tokenization, metrics=cap.metrics))
+        except SubmissionRejected as exc:  # the kit scores nothing: say so instead of reporting zeros
+            rejected[tokenization] = str(exc)
+            log.warning("%s: %s", tokenization, exc)
     report_summary = {
         **summary,
         "num_images": len(image_ids),
@@ -149,6 +156,7 @@ def _evaluate_captions(
         "inference_seconds": round(seconds, 3),
         "metrics": {r.tokenization: r.scores for r in results},
         "skipped": {r.tokenization: r.skipped for r in results if r.skipped},
+        "rejected": rejected,
         "files": files,
     }
 
