@@ -106,6 +106,12 @@ def test_vinvl_caption_split_features_texts_references(tmp_path: Path) -> None:
     assert (out / "references_val.json").read_bytes() == (tmp_path / "coco_caption" /
                                                           "val_caption_coco_format.json").read_bytes()
     assert result["failed"] == {} and result["read"] == {"features": 4, "text": 20}
+    train = write_caption_dir(tmp_path / "coco_caption", "train", make_images(3, seed=5)[:2])  # ids 100, 101 again
+    both = run_import(card(format="vinvl_caption", yaml=str(train), more_yamls=[str(spec)], output=str(tmp_path / "b"),
+                           max_error_fraction=0.5))
+    assert both["splits"] == {"train": {"references": "references_train.json"},
+                              "val": {"references": "references_val.json"}}
+    assert both["failed_by_reason"] == {"duplicate_id": 2}  # an image in two splits is reported, not merged
 
 
 @pytest.mark.parametrize("oscar_v1", [False, True], ids=["features_tsv", "oscar_v1_pt"])
@@ -185,7 +191,13 @@ def test_aic_icc_ids_match_extraction_ids(tmp_path: Path) -> None:
     rows = texts(out)
     assert len(rows) == 15 and rows[0] == {"image_id": "img000", "text": images[0].captions[0], "kind": "caption",
                                            "split": "val"}
-    assert result["images"] == 3 and result["written"] == {"text": 15}
+    assert result["images"] == {"val": 3} and result["written"] == {"text": 15}
+    train = write_aic_annotations(tmp_path / "caption_train_annotations_20170902.json", make_images(2, seed=1))
+    both = run_import(card(format="aic_icc", annotations=str(train), split="train", output=str(tmp_path / "both"),
+                           more_annotations={"val": str(path)}, image_id_prefix="aic/"))
+    assert both["images"] == {"train": 2, "val": 3}
+    assert [(r["split"], r["image_id"]) for r in texts(tmp_path / "both")][9:11] == [("train", "aic/101"),
+                                                                                     ("val", "aic/img000")]
 
 
 def test_corrupted_rows_are_counted_with_file_and_line(tmp_path: Path) -> None:

@@ -25,9 +25,17 @@ def aic_image_id(file_name: Any, prefix: str = "") -> str:
 
 
 def run_aic_icc(card: AicIccImport) -> dict[str, Any]:
-    """Annotations json → text.jsonl (one row per caption, `kind: caption`, the card's split)."""
+    """Annotations json(s) → text.jsonl (one row per caption, `kind: caption`, the card's split, then each of
+    more_annotations)."""
     run = ImportRun(card)
-    source = card.annotations
+    images = {card.split: annotation_rows(run, card.annotations, card.split, card.image_id_prefix)}
+    for split, source in card.more_annotations.items():
+        images[split] = annotation_rows(run, source, split, card.image_id_prefix)
+    return run.finish(images=images)
+
+
+def annotation_rows(run: ImportRun, source: str, split: str, prefix: str) -> int:
+    """One annotations json → text rows of `split`; returns the number of images read."""
     images = 0
     try:
         for line, element in json_array(source):
@@ -35,7 +43,7 @@ def run_aic_icc(card: AicIccImport) -> dict[str, Any]:
             try:
                 if not isinstance(element, dict) or not isinstance(element.get("caption"), list):
                     raise RowError("caption", f"{source} line {line}: expected {{url, image_id, caption: [...]}}")
-                image_id = aic_image_id(element.get("image_id"), card.image_id_prefix)
+                image_id = aic_image_id(element.get("image_id"), prefix)
             except RowError as exc:
                 run.fail("images", source, line, exc)
                 continue
@@ -47,7 +55,7 @@ def run_aic_icc(card: AicIccImport) -> dict[str, Any]:
                     run.fail("text", source, line, RowError("caption", f"{source} line {line}: caption {index} "
                                                             f"of {image_id!r} is empty or not a string"), image_id)
                     continue
-                run.add_text({"image_id": image_id, "text": text, "kind": "caption", "split": card.split})
+                run.add_text({"image_id": image_id, "text": text, "kind": "caption", "split": split})
     except RowError as exc:
         run.fail("images", source, None, exc)
-    return run.finish(images=images, split=card.split)
+    return images

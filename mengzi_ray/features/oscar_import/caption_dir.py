@@ -63,23 +63,31 @@ def caption_rows(run: ImportRun, caption_json: str, split: str, check_features: 
         run.fail("text", caption_json, None, exc)
 
 
-def run_vinvl_caption(card: VinvlCaptionImport) -> dict[str, Any]:
-    """One captioning split: yaml → features/ + text.jsonl (+ references_<split>.json)."""
-    spec = read_yaml(card.yaml)
-    split = card.split or PurePosixPath(card.yaml).stem
+def caption_split(run: ImportRun, yaml_uri: str, split: str) -> dict[str, Any]:
+    """One split yaml → features/ + text rows (+ references_<split>.json); returns what it wrote."""
+    spec = read_yaml(yaml_uri)
     missing = [key for key in ("feature", "label") if key not in spec]
     if missing:
-        raise ConfigError(f"{card.yaml}: no {missing} key(s); a captioning yaml names feature, label and caption")
-    run = ImportRun(card)
-    hw = beside(card.yaml, spec["hw"]) if "hw" in spec else None
-    join_feature_tsv(run, beside(card.yaml, spec["feature"]), "caption", beside(card.yaml, spec["label"]),
+        raise ConfigError(f"{yaml_uri}: no {missing} key(s); a captioning yaml names feature, label and caption")
+    hw = beside(yaml_uri, spec["hw"]) if "hw" in spec else None
+    join_feature_tsv(run, beside(yaml_uri, spec["feature"]), "caption", beside(yaml_uri, spec["label"]),
                      hw=hw if hw and exists(hw) else None)
-    extra: dict[str, Any] = {"split": split}
+    done: dict[str, Any] = {}
     if "caption" in spec:
-        caption_json = beside(card.yaml, spec["caption"])
+        caption_json = beside(yaml_uri, spec["caption"])
         caption_rows(run, caption_json, split, check_features=True)
         coco = posixpath.splitext(caption_json)[0] + "_coco_format.json"
         if exists(coco):
             run.copy_file(coco, f"references_{split}.json")
-            extra["references"] = f"references_{split}.json"
-    return run.finish(**extra)
+            done["references"] = f"references_{split}.json"
+    return done
+
+
+def run_vinvl_caption(card: VinvlCaptionImport) -> dict[str, Any]:
+    """Captioning split(s): yaml (+ more_yamls) → features/ + text.jsonl (+ references_<split>.json each)."""
+    run = ImportRun(card)
+    splits = {card.split or PurePosixPath(card.yaml).stem: caption_split(run, card.yaml,
+                                                                           card.split or PurePosixPath(card.yaml).stem)}
+    for more in card.more_yamls:
+        splits[PurePosixPath(more).stem] = caption_split(run, more, PurePosixPath(more).stem)
+    return run.finish(splits=splits)

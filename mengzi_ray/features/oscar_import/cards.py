@@ -57,6 +57,8 @@ class VinvlCaptionImport(ImportBase):
     format: Literal["vinvl_caption"]
     yaml: str = Field(..., description="train.yaml / val.yaml / test.yaml of the captioning dir")
     split: str | None = Field(None, description="split name of the text rows; default: the yaml's stem")
+    more_yamls: list[str] = Field(default_factory=list, description="further split yamls imported into the same "
+                                  "output (split = each yaml's stem), so train + val form one dataset")
 
 
 class VinvlRetrievalImport(ImportBase):
@@ -73,6 +75,8 @@ class VinvlRetrievalImport(ImportBase):
                                  "list .pt); default <dir>/<split>_img_keys_1k.tsv when present")
     caption_index: str | None = Field(None, description="candidate pairs .pt ({key: [[img_key, cap_idx], ...]}); "
                                       "default <dir>/<split>_caption_indexs_top20.pt when present")
+    more_splits: list[str] = Field(default_factory=list, description="further splits of the same dir imported into "
+                                   "the same output (their captions, and their features when stored per split)")
 
 
 class OscarPlusCorpusImport(ImportBase):
@@ -95,6 +99,8 @@ class AicIccImport(ImportBase):
     split: str = Field(..., min_length=1, description="split of the text rows (train | val)")
     image_id_prefix: str = Field("", description="prepended to <hash>: the image dir's path under the extraction "
                                  "root, so ids equal the extraction's (path relative to the root, no extension)")
+    more_annotations: dict[str, str] = Field(default_factory=dict, description="{split: annotations json} imported "
+                                             "into the same text.jsonl after the first")
 
 
 FORMAT_CARDS = (VinvlTsvImport, CaptionTsvImport, SgbPredictionsImport, VinvlCaptionImport, VinvlRetrievalImport,

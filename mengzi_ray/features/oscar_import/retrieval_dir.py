@@ -162,20 +162,38 @@ def eval_candidates(run: ImportRun, uri: str) -> int:
     return len(table)
 
 
-def run_vinvl_retrieval(card: VinvlRetrievalImport) -> dict[str, Any]:
-    """One retrieval split → features/ + text.jsonl (+ eval_image_keys.txt, eval_candidates.json)."""
+def split_features(card: VinvlRetrievalImport, split: str) -> tuple[str, str]:
+    """(features, labels) of a split: the card's, else <dir>/features.tsv + predictions.tsv (all splits), else the
+    Oscar-v1 per-split .pt dicts."""
     d = card.dir.rstrip("/")
-    captions = posixpath.join(d, f"{card.split}_captions.pt")
-    features = card.features or (posixpath.join(d, "features.tsv") if exists(posixpath.join(d, "features.tsv"))
-                                 else posixpath.join(d, f"{card.split}_img_frcnn_feats.pt"))
-    run = ImportRun(card)
-    if features.endswith(".pt"):
-        oscar_v1_features(run, features, card.labels or posixpath.join(d, f"{card.split}_vg_labels.pt"))
+    if card.features:
+        features = card.features
+    elif exists(posixpath.join(d, "features.tsv")):
+        features = posixpath.join(d, "features.tsv")
     else:
-        labels = card.labels or posixpath.join(posixpath.dirname(features), "predictions.tsv")
-        join_feature_tsv(run, features, "vinvl", labels)
-    caption_texts(run, captions, card.split, check_features=True)
-    extra: dict[str, Any] = {"split": card.split}
+        features = posixpath.join(d, f"{split}_img_frcnn_feats.pt")
+    if card.labels:
+        return features, card.labels
+    if features.endswith(".pt"):
+        return features, posixpath.join(d, f"{split}_vg_labels.pt")
+    return features, posixpath.join(posixpath.dirname(features), "predictions.tsv")
+
+
+def run_vinvl_retrieval(card: VinvlRetrievalImport) -> dict[str, Any]:
+    """Retrieval split(s) → features/ + text.jsonl (+ eval_image_keys.txt, eval_candidates.json of `split`)."""
+    d = card.dir.rstrip("/")
+    run = ImportRun(card)
+    imported: set[str] = set()
+    for split in [card.split, *card.more_splits]:
+        features, labels = split_features(card, split)
+        if features not in imported:  # a features.tsv shared by all splits is read once
+            imported.add(features)
+            if features.endswith(".pt"):
+                oscar_v1_features(run, features, labels)
+            else:
+                join_feature_tsv(run, features, "vinvl", labels)
+        caption_texts(run, posixpath.join(d, f"{split}_captions.pt"), split, check_features=True)
+    extra: dict[str, Any] = {"splits": [card.split, *card.more_splits]}
     keys = card.img_keys or posixpath.join(d, f"{card.split}_img_keys_1k.tsv")
     if card.img_keys or exists(keys):
         extra["eval_image_keys"] = eval_image_keys(run, keys)
