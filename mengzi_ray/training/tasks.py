@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
-from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pollute
+from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pretrain_pair
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
@@ -219,10 +219,14 @@ class PretrainTask(Task):
     def _examples(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> list[Batch]:
         out = []
         for r in rows:
-            text_a, text_b, label = pollute(
-                r.texts[0], r.od_labels, rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
-                other_text_a=lambda: pool.other(r.image_id).texts[0],
-                other_text_b=lambda: pool.other(r.image_id).od_labels,
+
+            def other(image_id: str = r.image_id) -> tuple[str, str]:
+                row = pool.other(image_id)
+                return row.texts[0], row.text_b(0)
+
+            text_a, text_b, label = pretrain_pair(
+                r.texts[0], r.text_b(0), rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
+                other, self.card.pretrain.textb_sample_mode,
             )
             out.append(self.tz.example(text_a, text_b, label, r.features, rng))
         return out
@@ -237,7 +241,8 @@ class PretrainTask(Task):
         rng = np.random.default_rng(0)
         pool = NegativePool(len(val_rows), rng)
         pool.add(val_rows)
-        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t]) for r in val_rows for t in r.texts]
+        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t], [r.texts_b[i]] if r.texts_b else None)
+                for r in val_rows for i, t in enumerate(r.texts)]
         model.eval()
         losses, hits, targets = [], 0, 0
         for b in self._batches(self._examples(rows, rng, pool), device):
