@@ -16,17 +16,15 @@ import pyarrow.parquet as pq
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text import tag_string
-from mengzi_ray.text.tags import TagVocabulary
+from mengzi_ray.text.tags import region_tags
 
 EVAL_COLUMNS = ["image_id", "features", "tags", "labels", "source"]
 
 
 def od_label_string(labels: list[str] | None, tags: list[str], tag_map: str | None) -> str:
-    """The od-label string a model is fed: the English `labels` translated with the model dir's tag map when the
-    row has them (so a released checkpoint sees the Langboat tags it was trained with), else the stored tags."""
-    if tag_map and labels and len(labels) == len(tags):
-        return tag_string(TagVocabulary.named(tag_map).translate(labels).tags)
-    return tag_string(tags)
+    """The od-label string a model is fed (text.tags.region_tags joined): a released checkpoint sees the tags of
+    the map it was trained with (langboat), translated from the stored English labels."""
+    return tag_string(region_tags(labels, tags, tag_map))
 
 
 def feature_ids(uri: str) -> list[str]:

@@ -194,14 +194,15 @@ class Retriever:
         self.section = section
         encoder = CrossEncoder(section.model_dir, chunk=section.rerank_chunk)
         self.gallery_section = section.gallery
-        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery), section.candidates)
+        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.model.config.tag_map),
+                                      section.candidates)
         self.stats = BatchStats()
         configure_batching(self.search, section)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         wanted = GallerySection.model_validate(user_config.get("gallery") or self.section.gallery.model_dump())
         if wanted != self.gallery_section:
-            self.engine.set_gallery(load_gallery(wanted))
+            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.model.config.tag_map))
             self.gallery_section = wanted
             log.info("gallery reloaded: %d images from %s", len(self.engine.gallery), wanted.features)
 

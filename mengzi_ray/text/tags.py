@@ -156,6 +156,14 @@ def _named_vocabulary(name: str) -> TagVocabulary:
     return TagVocabulary._from_json_text(resource.read_text(encoding="utf-8"), str(resource))
 
 
+def region_tags(labels: Sequence[str] | None, tags: Sequence[str], tag_map: str | None) -> list[str]:
+    """The Chinese tags a model is fed for one image: its English `labels` translated with the model dir's
+    `tag_map` when it names one and the row has one label per tag, else the stored `tags` (a dataset's own)."""
+    if tag_map and labels and len(labels) == len(tags):
+        return TagVocabulary.named(tag_map).translate(list(labels)).tags
+    return list(tags)
+
+
 def tag_string(tags: Iterable[str]) -> str:
     """Join tags with single spaces: Oscar's object-label string (e.g. ``"人 狗 草地"``).
 

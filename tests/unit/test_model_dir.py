@@ -118,3 +118,25 @@ def test_evaluate_card_contradicting_the_dir_is_refused(tmp_path: Path) -> None:
     assert _model_layout(card(att_mask_type="CL"))["att_mask_type"] == "CL"
     with pytest.raises(ConfigError, match="retrieval.att_mask_type: the card says CLR but model dir .* trained with CL"):
         _model_layout(card(att_mask_type="CLR"))
+
+
+def test_a_langboat_model_is_fed_langboat_tags_from_the_english_labels(tmp_path: Path) -> None:
+    from mengzi_ray.evaluation.feature_io import od_label_string
+    from mengzi_ray.serving.gallery import load_gallery
+    from mengzi_ray.serving.settings import GallerySection
+    from mengzi_ray.text.tags import TagVocabulary
+    from tests.oscar_originals import make_images, write_vinvl_features
+    from mengzi_ray.features.oscar_import import run_import
+    from mengzi_ray.features.oscar_import.cards import VinvlTsvImport
+
+    labels, stored = ["airport", "dog"], ["机场", "狗"]  # stored with the corrected map
+    assert od_label_string(labels, stored, "langboat") == "航空站 狗"
+    assert od_label_string(labels, stored, None) == "机场 狗"  # our dirs: the dataset's tags as stored
+    images = make_images(2)
+    write_vinvl_features(tmp_path / "tsv", images)
+    run_import(VinvlTsvImport(format="vinvl", features=str(tmp_path / "tsv" / "features.tsv"),
+                              labels=str(tmp_path / "tsv" / "predictions.tsv"), output=str(tmp_path / "ds")))
+    section = GallerySection(features=str(tmp_path / "ds" / "features"))
+    langboat = load_gallery(section, tag_map="langboat")
+    assert langboat.regions[0].tags == TagVocabulary.named("langboat").translate(images[0].classes).tags
+    assert load_gallery(section).regions[0].tags == TagVocabulary.default().translate(images[0].classes).tags
