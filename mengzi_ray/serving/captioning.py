@@ -7,6 +7,8 @@ is one batched `generate` call.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -15,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.evaluation.caption_inference import generation_layout
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import decode_caption, load_tokenizer, tag_string
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class CaptionEngine:
         source = self.model.source_dir or model_dir
         self.tokenizer = load_tokenizer(source)
         self.tensorizer = CaptionTensorizer(self.tokenizer, generation_layout(self.model.config, max_gen_length))
+        log.info("captioner %s: input layout %s", model_dir, input_layout(self.model.config))
         self.max_gen_length = max_gen_length
         self.length_penalty = length_penalty
 

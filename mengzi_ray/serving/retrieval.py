@@ -11,6 +11,8 @@ cross-encoder. What this costs in recall against brute force is measured by benc
 
 from __future__ import annotations
 
+import logging
+
 import math
 import re
 from collections import Counter
@@ -21,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.captioning import RegionSet
@@ -30,6 +33,8 @@ from mengzi_ray.text import load_tokenizer, normalize_text, tag_string
 _NOT_WORD = re.compile(r"[^\w]+")
 # What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
 LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
+
+log = logging.getLogger(__name__)
 
 
 def char_ngrams(text: str) -> list[str]:
@@ -94,6 +99,7 @@ class CrossEncoder:
         self.model_dir = str(model_dir)
         layout = RetrievalLayout(**{name: getattr(self.model.config, name) for name in LAYOUT_FIELDS})
         self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir or model_dir), layout)
+        log.info("retriever %s: input layout %s", model_dir, input_layout(self.model.config))
         self.chunk = chunk
 
     @torch.no_grad()
