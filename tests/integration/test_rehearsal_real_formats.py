@@ -31,7 +31,7 @@ from tests.oscar_originals import (
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 FEW_STEPS = ["schedule.max_steps=4", "validation.every_steps=4", "optim.warmup_steps=1", "data.max_val_images=4",
-             "data.cache_in_workers=false"]
+             "batch.global_batch_size=4", "batch.per_worker_batch_size=2"]
 
 
 def import_card(tmp: Path, name: str, **fields) -> Path:
@@ -66,14 +66,14 @@ def test_import_train_evaluate_serve_on_original_layouts(ray_local, tmp_path: Pa
     caption = import_card(tmp_path, "caption", format="vinvl_caption", yaml=str(src / "coco_caption" / "train.yaml"),
                           more_yamls=[str(src / "coco_caption" / "val.yaml")], output=str(tmp_path / "data" / "cap"))
     corpus = import_card(tmp_path, "corpus", format="oscarplus_corpus",
-                         yaml=str(write_oscarplus_corpus(src / "corpus", src / "corpus_feats", images[:8])),
+                         yaml=str(write_oscarplus_corpus(src / "corpus", src / "corpus_feats", images)),
                          data_dir=str(src / "corpus_feats"), output=str(tmp_path / "data" / "pretrain"))
     aic = import_card(tmp_path, "aic", format="aic_icc", split="val", output=str(tmp_path / "data" / "aic"),
                       annotations=str(write_aic_annotations(src / "caption_validation_annotations.json", images)))
     assert len((aic / "text.jsonl").read_text().splitlines()) == 16 * 5
 
     # training: a few steps each, on what the importers wrote
-    pretrained = train(PretrainCard, "pretrain_tiny.yaml", tmp_path, corpus, "data.val_split=train")
+    pretrained = train(PretrainCard, "pretrain_tiny.yaml", tmp_path, corpus, "data.val_split=train", "data.kind=all")
     retriever = train(RetrievalCard, "retrieval_tiny.yaml", tmp_path, coco_ir, "data.val_split=minival",
                       "retrieval.max_img_seq_length=70", "retrieval.val_captions_per_image=5")
     captioner = train(CaptionCard, "caption_tiny.yaml", tmp_path, caption, "caption.max_img_seq_length=6")
