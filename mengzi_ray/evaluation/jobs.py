@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from mengzi_ray.config import ConfigError
 from mengzi_ray.evaluation.caption_inference import predict_captions
-from mengzi_ray.evaluation.aic_icc import SubmissionRejected
+from mengzi_ray.evaluation.caption_metrics import SubmissionRejected
 from mengzi_ray.evaluation.caption_metrics import CaptionScores, score_captions
 from mengzi_ray.evaluation.caption_report import Example, draw_examples, find_cjk_font, write_report
 from mengzi_ray.evaluation.card import EvaluateCard

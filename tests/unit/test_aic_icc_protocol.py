@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mengzi_ray.evaluation.aic_icc import SubmissionRejected, aic_segment
+from mengzi_ray.evaluation.caption_metrics import SubmissionRejected, aic_segment
 from mengzi_ray.evaluation.caption_metrics import score_captions
 
 KIT = json.loads((Path(__file__).resolve().parents[1] / "reference" / "aic_icc_kit" / "kit_scores.json")

@@ -33,13 +33,13 @@ def run_import(card: Any) -> dict[str, Any]:
     elif card.format == "sgb_predictions":
         from mengzi_ray.features.oscar_import.tsv_formats import run_sgb_predictions as job
     elif card.format == "vinvl_caption":
-        from mengzi_ray.features.oscar_import.caption_dir import run_vinvl_caption as job
+        from mengzi_ray.features.oscar_import.captions import run_vinvl_caption as job
     elif card.format == "vinvl_retrieval":
         from mengzi_ray.features.oscar_import.retrieval_dir import run_vinvl_retrieval as job
     elif card.format == "oscarplus_corpus":
         from mengzi_ray.features.oscar_import.corpus import run_oscarplus_corpus as job
     elif card.format == "aic_icc":
-        from mengzi_ray.features.oscar_import.aic import run_aic_icc as job
+        from mengzi_ray.features.oscar_import.captions import run_aic_icc as job
     else:
         raise ValueError(f"import-oscar: unknown format {card.format!r}")
     return job(card)

@@ -23,10 +23,10 @@ import pyarrow.fs as pafs
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
-from mengzi_ray.features.oscar_import.caption_dir import beside, read_yaml
+from mengzi_ray.features.oscar_import.captions import beside, read_yaml
 from mengzi_ray.features.oscar_import.cards import OscarPlusCorpusImport
 from mengzi_ray.features.oscar_import.common import KeyedTsv, RowError, exists, normalize_image_id, tsv_lines
-from mengzi_ray.features.oscar_import.context import ImportRun
+from mengzi_ray.features.oscar_import.outputs import ImportRun
 from mengzi_ray.features.oscar_import.regions import label_objects
 from mengzi_ray.features.oscar_import.tsv_formats import join_feature_tsv, report_index_problems
 from mengzi_ray.text.tags import tag_string

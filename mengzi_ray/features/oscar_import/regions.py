@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mengzi_ray.features.oscar_import.common import RowError
-from mengzi_ray.features.oscar_import.writers import FeatureRecord
+from mengzi_ray.features.oscar_import.outputs import FeatureRecord
 from mengzi_ray.features.schema import APPEARANCE_DIM, REGION_DIM, box_geometry
 from mengzi_ray.text.tags import TagVocabulary
 

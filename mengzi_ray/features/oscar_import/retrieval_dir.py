@@ -26,7 +26,7 @@ from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
 from mengzi_ray.features.oscar_import.cards import VinvlRetrievalImport
 from mengzi_ray.features.oscar_import.common import KeySet, RowError, exists, normalize_image_id, open_binary, tsv_lines
-from mengzi_ray.features.oscar_import.context import ImportRun
+from mengzi_ray.features.oscar_import.outputs import ImportRun
 from mengzi_ray.features.oscar_import.regions import region_record
 from mengzi_ray.features.oscar_import.tsv_formats import join_feature_tsv
 

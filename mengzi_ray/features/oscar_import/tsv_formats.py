@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from mengzi_ray.features.oscar_import.cards import CaptionTsvImport, SgbPredictionsImport, VinvlTsvImport
 from mengzi_ray.features.oscar_import.common import KeyedTsv, RowError, normalize_image_id, tsv_lines
-from mengzi_ray.features.oscar_import.context import ImportRun
+from mengzi_ray.features.oscar_import.outputs import ImportRun
 from mengzi_ray.features.oscar_import.regions import (
     decode_base64_floats,
     objects_with_features,
