@@ -9,6 +9,8 @@ Called by the evaluate job and by ``bench/bench_eval.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 import torch
 
@@ -42,11 +44,13 @@ class CaptionPredictor:
         num_beams: beam width; max_gen_length: caption budget incl. [CLS]/[SEP].
         batch_size: images per ``generate`` call inside the actor.
         use_gpu: put the model on ``cuda`` (the actor must have been given a GPU).
+        config_overrides: layout values for a dir that records none (the evaluate card's model_layout).
     """
 
-    def __init__(self, model_dir: str, num_beams: int, max_gen_length: int, batch_size: int, use_gpu: bool) -> None:
+    def __init__(self, model_dir: str, num_beams: int, max_gen_length: int, batch_size: int, use_gpu: bool,
+                 config_overrides: dict[str, Any] | None = None) -> None:
         device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = OscarForCaptioning.from_pretrained(model_dir).to(device)
+        self.model = OscarForCaptioning.from_pretrained(model_dir, **(config_overrides or {})).to(device)
         self.tokenizer = load_tokenizer(self.model.source_dir)
         layout = generation_layout(self.model.config, max_gen_length)
         self.tensorizer = CaptionTensorizer(self.tokenizer, layout)
@@ -84,6 +88,7 @@ def predict_captions(
     batch_size: int = 32,
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
+    config_overrides: dict[str, Any] | None = None,
 ) -> pa.Table:
     """Caption ``image_ids`` of the feature dataset ``features`` with ``num_actors`` model actors (Ray must be up).
 
@@ -102,6 +107,7 @@ def predict_captions(
             "max_gen_length": max_gen_length,
             "batch_size": batch_size,
             "use_gpu": num_gpus_per_actor > 0,
+            "config_overrides": config_overrides,
         },
         compute=ActorPoolStrategy(min_size=num_actors, max_size=num_actors),
         batch_size=batch_size,

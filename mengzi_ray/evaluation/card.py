@@ -67,6 +67,17 @@ class RetrievalEvalSection(Section):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
 
 
+class ModelLayoutSection(Section):
+    """The model's input layout, for an original dir that records none (no training_args.bin). A dir that records
+    its layout (config.json, training_args.bin) is evaluated with it; a value set here that differs is refused."""
+
+    max_seq_a_length: int | None = Field(None, ge=1, description="caption budget A the model was trained with")
+    max_seq_length: int | None = Field(None, ge=3, description="text length L")
+    max_img_seq_length: int | None = Field(None, ge=1, description="regions R (e.g. 70 for Mengzi's retrieval)")
+    add_od_labels: bool | None = None
+    tag_map: Literal["corrected", "langboat"] | None = Field(None, description="tag map of the od labels")
+
+
 class EvaluateCard(Card):
     """Evaluate a model dir on a feature dataset against references."""
 
@@ -82,6 +93,7 @@ class EvaluateCard(Card):
     actors: ActorsSection = Field(default_factory=ActorsSection)
     caption: CaptionEvalSection = Field(default_factory=CaptionEvalSection)
     retrieval: RetrievalEvalSection = Field(default_factory=RetrievalEvalSection)
+    model_layout: ModelLayoutSection = Field(default_factory=ModelLayoutSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateCard":

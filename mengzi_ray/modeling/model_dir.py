@@ -33,9 +33,16 @@ ARG_FIELDS = {
 }
 ORIGINAL_TAG_MAP = "langboat"
 CAPTION_MAX_SEQ_A_LENGTH = 40  # run_captioning's --max_seq_a_length default
+NO_RECORDED_LAYOUT = "original dir without training_args.bin: layout defaults (or the card's model_layout)"
+CARD_LAYOUT = "the evaluate card's model_layout (the dir records none)"
 # The OscarConfig fields every job that feeds a model reports (job log, metrics.json, /v1/models).
 INPUT_LAYOUT_FIELDS = ("max_seq_a_length", "max_seq_length", "max_img_seq_length", "add_od_labels", "do_lower_case",
                        "att_mask_type", "od_label_type", "tag_map", "layout_source")
+
+
+def records_layout(config: Any) -> bool:
+    """Whether a loaded OscarConfig's layout was recorded by its dir (config.json or training_args.bin)."""
+    return config.layout_source not in (NO_RECORDED_LAYOUT, CARD_LAYOUT)
 
 
 def input_layout(config: Any) -> dict[str, Any]:
@@ -102,7 +109,7 @@ def original_layout(model_dir: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(model_dir) / TRAINING_ARGS_NAME
     values: dict[str, Any] = {"tag_map": ORIGINAL_TAG_MAP}
     if not path.is_file():
-        return values, "original dir without training_args.bin: layout defaults (or the card's values)"
+        return values, NO_RECORDED_LAYOUT
     args = read_training_args(path)
     for field, arg in ARG_FIELDS.items():
         if args.get(arg) is not None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mengzi_ray.config import ConfigError, validate_card
-from mengzi_ray.evaluation.card import EvaluateCard
-from mengzi_ray.evaluation.jobs import _model_layout
+from mengzi_ray.evaluation.card import EvaluateCard, ModelLayoutSection
+from mengzi_ray.evaluation.jobs import _model_layout as model_layout_of
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, PairScorer, build_gallery
 from mengzi_ray.modeling import OscarConfig, OscarForRetrieval
 from mengzi_ray.modeling.model_dir import read_training_args
@@ -113,11 +113,23 @@ def test_evaluate_card_contradicting_the_dir_is_refused(tmp_path: Path) -> None:
                                             "references": "r.jsonl", "output_dir": str(tmp_path / "o"),
                                             "retrieval": retrieval}, "card")
 
-    layout = _model_layout(card())
+    def _model_layout(c: EvaluateCard, **model_layout) -> tuple[dict, dict]:
+        return model_layout_of(c.model_copy(update={"model_layout": ModelLayoutSection(**model_layout)}))
+
+    layout, _ = _model_layout(card())
     assert layout["max_img_seq_length"] == 70 and layout["att_mask_type"] == "CL" and layout["tag_map"] == "langboat"
-    assert _model_layout(card(att_mask_type="CL"))["att_mask_type"] == "CL"
-    with pytest.raises(ConfigError, match="retrieval.att_mask_type: the card says CLR but model dir .* trained with CL"):
+    assert _model_layout(card(att_mask_type="CL"))[0]["att_mask_type"] == "CL"
+    with pytest.raises(ConfigError, match="retrieval.att_mask_type: the card says CLR but model dir .* records CL"):
         _model_layout(card(att_mask_type="CLR"))
+    with pytest.raises(ConfigError, match="model_layout.max_img_seq_length: the card says 50 but model dir .* records 70"):
+        _model_layout(card(), max_img_seq_length=50)
+    # an original dir without training_args.bin: the card's values are the layout, and reach the model actors
+    bare = original_dir(tmp_path / "bare", None)
+    model_dir = bare
+    layout, overrides = _model_layout(card(att_mask_type="CR"), max_img_seq_length=70)
+    assert layout["max_img_seq_length"] == 70 and layout["att_mask_type"] == "CR" and layout["tag_map"] == "langboat"
+    assert overrides["max_img_seq_length"] == 70 and "model_layout" in layout["layout_source"]
+    assert _model_layout(card())[1] == {} and _model_layout(card())[0]["max_img_seq_length"] == 50
 
 
 def test_a_langboat_model_is_fed_langboat_tags_from_the_english_labels(tmp_path: Path) -> None:
