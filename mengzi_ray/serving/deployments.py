@@ -118,7 +118,8 @@ class Detector:
             row = detections_to_row(det, image_id="request", source="request", width=width, height=height, detector=self.detector.name)
             results.append(
                 DetectedImage(
-                    RegionSet(region_matrix(row["features"]), row["tags"]), row["boxes"], row["labels"], row["scores"], width, height
+                    RegionSet(region_matrix(row["features"]), row["tags"], row["labels"]), row["boxes"], row["labels"],
+                    row["scores"], width, height
                 )
             )
         return results

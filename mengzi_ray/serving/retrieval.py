@@ -108,7 +108,7 @@ class CrossEncoder:
         out = np.zeros(len(pairs), dtype=np.float32)
         for start in range(0, len(pairs), self.chunk):
             examples = [
-                self.tensorizer.example(text, tag_string(regions.tags), regions.features)
+                self.tensorizer.example(text, tag_string(regions.tags_for(self.model.config.tag_map)), regions.features)
                 for text, regions in pairs[start : start + self.chunk]
             ]
             batch = {k: torch.as_tensor(np.stack([e[k] for e in examples])).to(self.device) for k in examples[0]}
@@ -154,7 +154,7 @@ class RetrievalEngine:
                 raise LookupError("the gallery has no captions (gallery.texts is not set)")
             assert query.regions is not None
             size = len(self.gallery.captions)
-            index, probe = self.caption_index, tag_string(query.regions.tags)
+            index, probe = self.caption_index, tag_string(query.regions.tags_for(self.encoder.model.config.tag_map))
         wanted = None if self.candidates is None else max(self.candidates, query.k)
         if wanted is None or wanted >= size:
             return np.arange(size)

@@ -35,7 +35,7 @@ def tiny(**overrides) -> OscarConfig:
 def original_dir(root: Path, args: argparse.Namespace | None, legacy: bool = False) -> Path:
     """A Mengzi-style released dir: config.json without layout keys, pytorch_model.bin, vocab.txt, training_args."""
     root.mkdir(parents=True)
-    write_vocab(build_vocab([t for v in REFS.values() for t in v] + ["圆形 正方形"]), root / "vocab.txt")
+    write_vocab(build_vocab([t for v in REFS.values() for t in v] + ["圆形 正方形 机场 航空站"]), root / "vocab.txt")
     vocab_size = sum(1 for _ in open(root / "vocab.txt", encoding="utf-8"))
     config = tiny(vocab_size=vocab_size)
     model = OscarForRetrieval(config)
@@ -152,3 +152,16 @@ def test_a_langboat_model_is_fed_langboat_tags_from_the_english_labels(tmp_path:
     langboat = load_gallery(section, tag_map="langboat")
     assert langboat.regions[0].tags == TagVocabulary.named("langboat").translate(images[0].classes).tags
     assert load_gallery(section).regions[0].tags == TagVocabulary.default().translate(images[0].classes).tags
+
+
+def test_serving_feeds_a_released_dir_the_tags_of_its_map(tmp_path: Path) -> None:
+    from mengzi_ray.serving.captioning import RegionSet
+
+    model_dir = original_dir(tmp_path / "released", mengzi_args(att_mask_type="CLR"))  # tag map langboat
+    encoder = CrossEncoder(str(model_dir), device="cpu")
+    feats = np.random.default_rng(0).normal(size=(1, 2054)).astype(np.float32)
+    detected = RegionSet(feats, ["机场"], ["airport"])  # the detector's corrected tag + its English label
+    assert detected.tags_for("langboat") == ["航空站"] and detected.tags_for(None) == ["机场"]
+    scores = encoder.score([("红色的圆形", detected), ("红色的圆形", RegionSet(feats, ["航空站"])),
+                            ("红色的圆形", RegionSet(feats, ["机场"]))])
+    assert scores[0] == scores[1] and scores[0] != scores[2]
