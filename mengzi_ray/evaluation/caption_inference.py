@@ -51,7 +51,7 @@ class CaptionPredictor:
                  config_overrides: dict[str, Any] | None = None) -> None:
         device = torch.device("cuda" if use_gpu else "cpu")
         self.model = OscarForCaptioning.from_pretrained(model_dir, **(config_overrides or {})).to(device)
-        self.tokenizer = load_tokenizer(self.model.source_dir)
+        self.tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=self.model.config.do_lower_case)
         layout = generation_layout(self.model.config, max_gen_length)
         self.tensorizer = CaptionTensorizer(self.tokenizer, layout)
         self.num_beams = num_beams

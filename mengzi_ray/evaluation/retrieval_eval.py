@@ -144,7 +144,8 @@ class PairScorer:
             add_od_labels=config.add_od_labels,
             att_mask_type=att_mask_type,
         )
-        self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir), layout)
+        tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=config.do_lower_case)
+        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
         self.gallery = gallery
         self.index = pairs
         self.batch_size = batch_size

@@ -64,7 +64,7 @@ class CaptionEngine:
         self.model = OscarForCaptioning.from_pretrained(model_dir).to(self.device).eval()
         self.model_dir = str(model_dir)
         source = self.model.source_dir or model_dir
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, do_lower_case=self.model.config.do_lower_case)
         self.tensorizer = CaptionTensorizer(self.tokenizer, generation_layout(self.model.config, max_gen_length))
         log.info("captioner %s: input layout %s", model_dir, input_layout(self.model.config))
         self.max_gen_length = max_gen_length

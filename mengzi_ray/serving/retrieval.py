@@ -98,7 +98,8 @@ class CrossEncoder:
         self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device).eval()
         self.model_dir = str(model_dir)
         layout = RetrievalLayout(**{name: getattr(self.model.config, name) for name in LAYOUT_FIELDS})
-        self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir or model_dir), layout)
+        tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=self.model.config.do_lower_case)
+        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
         log.info("retriever %s: input layout %s", model_dir, input_layout(self.model.config))
         self.chunk = chunk
 

@@ -103,6 +103,9 @@ def test_retrieval_dir_with_70_regions_is_evaluated_and_served_with_70(tmp_path:
         assert example["img_feats"].shape == (70, 2054)
         served = CrossEncoder(str(model_dir), device="cpu")
         assert served.tensorizer.layout.max_img_seq_length == 70
+    cased = original_dir(tmp_path / "cased", mengzi_args(att_mask_type="CLR", do_lower_case=False))
+    assert CrossEncoder(str(cased), device="cpu").tensorizer.tokenizer.do_lower_case is False  # casing recorded
+    assert CrossEncoder(str(ours), device="cpu").tensorizer.tokenizer.do_lower_case is True
 
 
 def test_evaluate_card_contradicting_the_dir_is_refused(tmp_path: Path) -> None:
