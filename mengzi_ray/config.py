@@ -175,9 +175,9 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "import-oscar",
-            "mengzi_ray.features.card:ImportOscarCard",
-            "mengzi_ray.features.oscar_tsv:run_import",
-            "Oscar/VinVL TSV features (+ labels) → our feature dataset",
+            "mengzi_ray.features.oscar_import.cards:ImportOscarCard",
+            "mengzi_ray.features.oscar_import:run_import",
+            "released Oscar/VinVL/Mengzi-Oscar files or AIC-ICC annotations → our features/ and text.jsonl",
         ),
         Command(
             "export-oscar",

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 from pydantic_core import PydanticUndefined
 
 from mengzi_ray.config import COMMANDS
@@ -69,8 +69,15 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, 
             yield key, _type_name(field.annotation), _default_text(field), description
 
 
+def card_variants(card: type[BaseModel]) -> list[type[BaseModel]]:
+    """The card models a command accepts: the card itself, or each member of a RootModel's (discriminated) union."""
+    if issubclass(card, RootModel):
+        return _section_types(card.model_fields["root"].annotation)
+    return [card]
+
+
 def generate() -> str:
-    """Markdown: one table per command's card."""
+    """Markdown: one table per command's card (per `format:` for a card that is a union of formats)."""
     parts = [START, ""]
     for command in COMMANDS.values():
         card = command.card_class()
@@ -78,11 +85,16 @@ def generate() -> str:
         parts.append("")
         parts.append(command.help[0].upper() + command.help[1:] + ".")
         parts.append("")
-        parts.append("| key | type | default | meaning |")
-        parts.append("|---|---|---|---|")
-        for key, type_name, default, description in field_rows(card):
-            parts.append(f"| `{key}` | {type_name} | {default} | {description} |")
-        parts.append("")
+        variants = card_variants(card)
+        for variant in variants:
+            if len(variants) > 1:
+                parts.append(f"`{variant.__name__}`: {(variant.__doc__ or '').strip().splitlines()[0]}")
+                parts.append("")
+            parts.append("| key | type | default | meaning |")
+            parts.append("|---|---|---|---|")
+            for key, type_name, default, description in field_rows(variant):
+                parts.append(f"| `{key}` | {type_name} | {default} | {description} |")
+            parts.append("")
     parts.append(END)
     return "\n".join(parts)
 

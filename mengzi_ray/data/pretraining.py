@@ -1,7 +1,8 @@
 """Oscar+ pretraining inputs (oscar-formats §2.6): text_a/text_b pollution with 2-/3-way labels and BERT MLM.
 
 Layout: [CLS] text_a [SEP] text_b [SEP] (segments 0…0 1…1), zero-padded to max_seq_length, then regions.
-`text_b` is the tag string (or QA answers). Labels: 0 = matched, 1 = text_b swapped, num_contrast_classes − 1 =
+`text_b` is the corpus row's own text_b when it has one (imported Oscar+ corpus: the translated tags, or the QA
+answers of a question row), else the image's tag string. Labels: 0 = matched, 1 = text_b swapped, num_contrast_classes − 1 =
 text_a swapped (so 2-way models see 0/1 only).
 """
 
@@ -50,6 +51,31 @@ def pollute(
     if u > texta_false_prob and text_b:
         return text_a, other_text_b(), 1
     return other_text_a(), text_b, num_contrast_classes - 1
+
+
+def pretrain_pair(
+    text_a: str,
+    text_b: str,
+    rng: np.random.Generator,
+    texta_false_prob: float,
+    num_contrast_classes: int,
+    other: Callable[[], tuple[str, str]],
+    textb_sample_mode: int = 1,
+) -> tuple[str, str, int]:
+    """One Oscar+ pretraining pair from a corpus row (text_a, its text_b: tags, or the answers of a question row).
+
+    `other()` returns (text_a, text_b) of a random document of a different image. The polluted text_b is, as in
+    the original's `textb_sample_mode`: 1 = that document's text_b; 0 = a random line of it (text_a or text_b,
+    p = 0.5 each). Labels and probabilities as in `pollute`."""
+
+    def other_text_b() -> str:
+        a, b = other()
+        if textb_sample_mode == 0 and rng.random() < 0.5:
+            return a
+        return b
+
+    return pollute(text_a, text_b, rng, texta_false_prob, num_contrast_classes,
+                   other_text_a=lambda: other()[0], other_text_b=other_text_b)
 
 
 def truncate_pair(a: list[str], b: list[str], max_total: int) -> None:

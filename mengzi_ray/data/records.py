@@ -23,6 +23,12 @@ class ImageRecord:
     features: np.ndarray
     od_labels: str
     texts: list[str]
+    texts_b: list[str | None] | None = None  # each text's own text_b (Oscar+ corpus rows), when the rows have one
+
+    def text_b(self, index: int = 0) -> str:
+        """text_b of text `index`: its own (tags or QA answers) when the row has one, else the image's tags."""
+        own = self.texts_b[index] if self.texts_b else None
+        return own if own else self.od_labels
 
 
 def read_text_rows(path: str | Path) -> list[dict]:

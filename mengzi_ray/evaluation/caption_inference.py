@@ -9,16 +9,18 @@ Called by the evaluate job and by ``bench/bench_eval.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 import torch
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord
-from mengzi_ray.evaluation.feature_io import read_feature_dataset
+from mengzi_ray.evaluation.feature_io import od_label_string, read_feature_dataset
 from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
-from mengzi_ray.text import load_tokenizer, tag_string
+from mengzi_ray.text import load_tokenizer
 from mengzi_ray.modeling.inference import caption_images
 
 
@@ -42,20 +44,25 @@ class CaptionPredictor:
         num_beams: beam width; max_gen_length: caption budget incl. [CLS]/[SEP].
         batch_size: images per ``generate`` call inside the actor.
         use_gpu: put the model on ``cuda`` (the actor must have been given a GPU).
+        config_overrides: layout values for a dir that records none (the evaluate card's model_layout).
     """
 
-    def __init__(self, model_dir: str, num_beams: int, max_gen_length: int, batch_size: int, use_gpu: bool) -> None:
+    def __init__(self, model_dir: str, num_beams: int, max_gen_length: int, batch_size: int, use_gpu: bool,
+                 config_overrides: dict[str, Any] | None = None) -> None:
         device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = OscarForCaptioning.from_pretrained(model_dir).to(device)
-        self.tokenizer = load_tokenizer(self.model.source_dir)
+        self.model = OscarForCaptioning.from_pretrained(model_dir, **(config_overrides or {})).to(device)
+        self.tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=self.model.config.do_lower_case)
         layout = generation_layout(self.model.config, max_gen_length)
         self.tensorizer = CaptionTensorizer(self.tokenizer, layout)
         self.num_beams = num_beams
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns = zip(batch.column("image_id").to_pylist(), region_arrays(batch.column("features")), batch.column("tags").to_pylist())
-        records = [ImageRecord(image_id, regions, tag_string(tags), []) for image_id, regions, tags in columns]
+        columns = zip(batch.column("image_id").to_pylist(), region_arrays(batch.column("features")),
+                      batch.column("tags").to_pylist(), batch.column("labels").to_pylist())
+        tag_map = self.model.config.tag_map
+        records = [ImageRecord(image_id, regions, od_label_string(labels, tags, tag_map), [])
+                   for image_id, regions, tags, labels in columns]
         predicted = caption_images(
             self.model, self.tokenizer, self.tensorizer, records, num_beams=self.num_beams, batch_size=self.batch_size
         )
@@ -81,6 +88,7 @@ def predict_captions(
     batch_size: int = 32,
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
+    config_overrides: dict[str, Any] | None = None,
 ) -> pa.Table:
     """Caption ``image_ids`` of the feature dataset ``features`` with ``num_actors`` model actors (Ray must be up).
 
@@ -99,6 +107,7 @@ def predict_captions(
             "max_gen_length": max_gen_length,
             "batch_size": batch_size,
             "use_gpu": num_gpus_per_actor > 0,
+            "config_overrides": config_overrides,
         },
         compute=ActorPoolStrategy(min_size=num_actors, max_size=num_actors),
         batch_size=batch_size,

@@ -4,12 +4,29 @@ The pycocoevalcap scorers are fed pre-tokenised text directly, bypassing PTBToke
 tokenisation is ours and every result names it:
 
 * ``"char"`` — character level, the Oscar-native reading: each CJK character is a token.
-* ``"jieba"`` — word level as the AI Challenger (AIC-ICC) kit does it: "。" removed, jieba precise mode.
+* ``"jieba"`` — word level close to the AI Challenger (AIC-ICC) kit: "。" removed, jieba precise mode (but
+  NFKC-normalised and every punctuation token dropped, which the kit does not do).
+* ``"aic_icc"`` — the kit's exact protocol (below): jieba as the kit calls it, then the coco-caption PTBTokenizer
+  on both sides; an empty prediction rejects the whole set (SubmissionRejected). Needs Java.
 
 METEOR 1.5 (``-norm``) splits CJK into characters itself, so it is character level under either tokenisation.
 CIDEr takes document frequencies from the evaluated references (corpus mode, as Oscar's evaluation does), so it is
 only comparable between runs over the same image set and is 0 for a single image. SPICE is not offered: it fetches
 Stanford CoreNLP at run time and fails offline.
+
+The AI Challenger 2017 kit, reproduced by ``aic_icc``:
+
+The kit (AIChallenger/AI_Challenger_2017, `Evaluation/caption_eval`) scores a submission like this:
+1. `pycxtools/coco.py COCO.loadRes`: every prediction must be a non-empty string (an empty one fails an assert
+   and the whole submission scores nothing); it becomes `" ".join(jieba.cut(caption.strip().replace("。", ""),
+   cut_all=False))`. References go through the same segmentation here (the kit expects its reference json to be
+   segmented that way already).
+2. `pycxevalcap/eval.py COCOEvalCap.evaluate`: both sides through coco-caption's PTBTokenizer (Stanford CoreNLP
+   3.4.1, `-preserveLines -lowerCase`), which drops only the tokens of its ASCII punctuation list, so full-width
+   "，！？" stay tokens;
+3. BLEU-1..4, METEOR 1.5 (`-l en -norm`), ROUGE-L and CIDEr-D with document frequencies from the scored references.
+pycocoevalcap ships the same CoreNLP jar, PTBTokenizer wrapper and scorers, so steps 2-3 run that code; this
+module does step 1 and the rejection rule. The PTB step needs `java` on PATH.
 """
 
 from __future__ import annotations
@@ -31,7 +48,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 logger = logging.getLogger(__name__)
 
-Tokenization = Literal["char", "jieba"]
+Tokenization = Literal["char", "jieba", "aic_icc"]
 METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")
 _MAX_IDS_IN_ERROR = 5
 _LATIN_RUN = re.compile(r"[A-Za-z0-9]+")
@@ -102,12 +119,15 @@ def score_captions(
     is empty, or images with references lack a prediction (unless ``allow_missing_predictions``, which excludes
     them, counts them in ``missing_predictions`` and logs a warning); TypeError when a caption is not a string.
     METEOR is skipped, with the reason in ``skipped``, when no ``java`` is on PATH. An empty prediction is
-    allowed and scores 0.
+    allowed and scores 0, except under ``aic_icc``, which raises SubmissionRejected as the kit does.
     """
     wanted = _check_metrics(metrics)
     ids, missing = _check_inputs(predictions, references, allow_missing_predictions)
-    res = {i: [tokenize_for_metrics(predictions[i], tokenization)] for i in ids}
-    gts = {i: [tokenize_for_metrics(r, tokenization) for r in references[i]] for i in ids}
+    if tokenization == "aic_icc":
+        gts, res = aic_icc_inputs(predictions, references, ids)
+    else:
+        res = {i: [tokenize_for_metrics(predictions[i], tokenization)] for i in ids}
+        gts = {i: [tokenize_for_metrics(r, tokenization) for r in references[i]] for i in ids}
 
     scores: dict[str, float] = {}
     skipped: dict[str, str] = {}
@@ -234,3 +254,43 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
         if meteor.lock.locked():
             meteor.lock.release()
     return float(score)
+
+
+# ---------------------------------------------------------------- the AIC-ICC kit's protocol (aic_icc)
+class SubmissionRejected(ValueError):
+    """The kit would not score this prediction set at all (e.g. an empty prediction)."""
+
+
+def aic_segment(caption: str) -> str:
+    """The kit's segmentation: strip, remove every "。", jieba precise mode, tokens joined by single spaces."""
+    return " ".join(jieba.cut(caption.strip().replace("。", ""), cut_all=False))
+
+
+def check_submission(predictions: Mapping[str, str]) -> None:
+    """Raise SubmissionRejected naming the images whose prediction is the empty string (the kit asserts
+    `caption != ''` for every prediction, which fails the whole submission)."""
+    empty = [image_id for image_id, caption in predictions.items() if caption == ""]
+    if empty:
+        raise SubmissionRejected(
+            f"the AIC-ICC kit rejects the whole submission: {len(empty)} empty prediction(s), e.g. images "
+            f"{empty[:5]}"
+        )
+
+
+def ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """coco-caption's PTBTokenizer (Stanford CoreNLP 3.4.1, lower-cased, its punctuation list removed) over
+    {image id: [captions]}. RuntimeError when java is not on PATH."""
+    if shutil.which("java") is None:
+        raise RuntimeError("tokenization aic_icc needs Java (the kit's Stanford PTB tokenizer); not found on PATH")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+
+
+def aic_icc_inputs(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], ids: Sequence[str]
+                   ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(gts, res) for the scorers exactly as the kit builds them, over `ids`. Raises SubmissionRejected first."""
+    check_submission({i: predictions[i] for i in ids})
+    res = ptb_tokenize({i: [aic_segment(predictions[i])] for i in ids})
+    gts = ptb_tokenize({i: [aic_segment(r) for r in references[i]] for i in ids})
+    return gts, res

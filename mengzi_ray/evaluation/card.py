@@ -32,10 +32,11 @@ class CaptionEvalSection(Section):
 
     num_beams: int = Field(5, ge=1, description="beam width (Mengzi-Oscar: 5)")
     max_gen_length: int = Field(20, ge=3, description="caption budget incl. [CLS]/[SEP] (Mengzi-Oscar: 20)")
-    tokenizations: list[Literal["char", "jieba"]] = Field(
+    tokenizations: list[Literal["char", "jieba", "aic_icc"]] = Field(
         default_factory=lambda: ["char", "jieba"],
         min_length=1,
-        description="metric tokenisations: char (Oscar-native) and/or jieba (AIC-ICC kit)",
+        description="metric tokenisations: char (Oscar-native), jieba (word level, kit-like), aic_icc (the AIC-ICC "
+        "kit's exact protocol: jieba + PTB tokenizer; needs Java; an empty prediction rejects the set)",
     )
     metrics: list[Literal["Bleu", "METEOR", "ROUGE_L", "CIDEr"]] = Field(
         default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"], min_length=1
@@ -60,8 +61,21 @@ class RetrievalEvalSection(Section):
         None, description="rerank mode: JSON {image_id: [[image_id, caption_index], ...]} candidate pairs"
     )
     chunk_size: int = Field(4096, ge=1, description="pairs per actor task; a multiple of actors.batch_size")
-    att_mask_type: Literal["CLR", "CL", "CR", "LR"] = Field("CLR", description="attention mask of the model")
+    att_mask_type: Literal["CLR", "CL", "CR", "LR"] = Field(
+        "CLR", description="attention mask: the model dir's is used; a value set here that differs is refused"
+    )
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+
+
+class ModelLayoutSection(Section):
+    """The model's input layout, for an original dir that records none (no training_args.bin). A dir that records
+    its layout (config.json, training_args.bin) is evaluated with it; a value set here that differs is refused."""
+
+    max_seq_a_length: int | None = Field(None, ge=1, description="caption budget A the model was trained with")
+    max_seq_length: int | None = Field(None, ge=3, description="text length L")
+    max_img_seq_length: int | None = Field(None, ge=1, description="regions R (e.g. 70 for Mengzi's retrieval)")
+    add_od_labels: bool | None = None
+    tag_map: Literal["corrected", "langboat"] | None = Field(None, description="tag map of the od labels")
 
 
 class EvaluateCard(Card):
@@ -79,6 +93,7 @@ class EvaluateCard(Card):
     actors: ActorsSection = Field(default_factory=ActorsSection)
     caption: CaptionEvalSection = Field(default_factory=CaptionEvalSection)
     retrieval: RetrievalEvalSection = Field(default_factory=RetrievalEvalSection)
+    model_layout: ModelLayoutSection = Field(default_factory=ModelLayoutSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateCard":

@@ -16,8 +16,15 @@ import pyarrow.parquet as pq
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text import tag_string
+from mengzi_ray.text.tags import region_tags
 
-EVAL_COLUMNS = ["image_id", "features", "tags", "source"]
+EVAL_COLUMNS = ["image_id", "features", "tags", "labels", "source"]
+
+
+def od_label_string(labels: list[str] | None, tags: list[str], tag_map: str | None) -> str:
+    """The od-label string a model is fed (text.tags.region_tags joined): a released checkpoint sees the tags of
+    the map it was trained with (langboat), translated from the stored English labels."""
+    return tag_string(region_tags(labels, tags, tag_map))
 
 
 def feature_ids(uri: str) -> list[str]:
@@ -30,17 +37,20 @@ def feature_ids(uri: str) -> list[str]:
     return table.column("image_id").to_pylist()
 
 
-def load_regions(uri: str, image_ids: list[str]) -> dict[str, tuple[np.ndarray, str, str]]:
-    """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids."""
+def load_regions(uri: str, image_ids: list[str], tag_map: str | None = None) -> dict[str, tuple[np.ndarray, str, str]]:
+    """image_id → (regions (N, 2054) float32, od-label string, source URI) for the given ids; the od labels through
+    `tag_map` (see od_label_string)."""
     fs, path = filesystem_for(uri)
     table = pq.read_table(path, columns=EVAL_COLUMNS, filesystem=fs, filters=pc.field("image_id").isin(image_ids))
     columns = zip(
         table.column("image_id").to_pylist(),
         region_arrays(table.column("features")),
         table.column("tags").to_pylist(),
+        table.column("labels").to_pylist(),
         table.column("source").to_pylist(),
     )
-    return {image_id: (regions, tag_string(tags), source) for image_id, regions, tags, source in columns}
+    return {image_id: (regions, od_label_string(labels, tags, tag_map), source)
+            for image_id, regions, tags, labels, source in columns}
 
 
 def read_feature_dataset(uri: str, image_ids: list[str]) -> Any:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from mengzi_ray.config import ConfigError
 from mengzi_ray.evaluation.caption_inference import predict_captions
+from mengzi_ray.evaluation.caption_metrics import SubmissionRejected
 from mengzi_ray.evaluation.caption_metrics import CaptionScores, score_captions
 from mengzi_ray.evaluation.caption_report import Example, draw_examples, find_cjk_font, write_report
 from mengzi_ray.evaluation.card import EvaluateCard
@@ -36,7 +37,9 @@ from mengzi_ray.evaluation.references import (
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, rerank_pairs, score_pairs
 from mengzi_ray.evaluation.retrieval_metrics import rerank_recall, retrieval_recall
 from mengzi_ray.ray_runtime import ensure_ray
-from mengzi_ray.storage import is_remote
+from mengzi_ray.modeling.config import OscarConfig
+from mengzi_ray.modeling.model_dir import CARD_LAYOUT, input_layout, records_layout
+from mengzi_ray.storage import download_dir, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
     ensure_ray(card.ray)
     if not is_remote(card.model_dir) and not (Path(card.model_dir) / "config.json").is_file():
         raise ConfigError(f"model_dir: {card.model_dir} is not a model dir (no config.json)")
+    layout, overrides = _model_layout(card)
     references, image_ids, warnings = _plan(card)
     out = Path(card.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,14 +59,47 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
         "features": card.features,
         "references": card.references,
         "split": card.split,
+        "model_layout": layout,
         "warnings": warnings,
     }
     if card.task == "caption":
-        summary.update(_evaluate_captions(card, references, image_ids, out, summary))
+        summary.update(_evaluate_captions(card, references, image_ids, out, summary, overrides))
     else:
-        summary.update(_evaluate_retrieval(card, references, image_ids, out))
+        summary.update(_evaluate_retrieval(card, references, image_ids, out, layout, overrides))
     (out / "metrics.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     return summary
+
+
+def _model_layout(card: EvaluateCard) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(input layout, config overrides for the model actors). A dir that records its layout (config.json, or an
+    original dir's training_args.bin) is used as is and a card value that contradicts it is refused, naming the
+    field; for an original dir without training_args.bin the card's model_layout (and retrieval.att_mask_type)
+    are the layout."""
+    try:
+        local = download_dir(card.model_dir)
+        config = OscarConfig.load(local)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"model_dir: {exc}") from None
+    given = {f"model_layout.{k}": v for k, v in card.model_layout.model_dump(exclude_none=True).items()}
+    if card.task == "retrieval" and "att_mask_type" in card.retrieval.model_fields_set:
+        given["retrieval.att_mask_type"] = card.retrieval.att_mask_type
+    overrides: dict[str, Any] = {}
+    if records_layout(config):
+        for field, value in given.items():
+            recorded = getattr(config, field.split(".")[-1])
+            if recorded != value:
+                raise ConfigError(f"{field}: the card says {value} but model dir {card.model_dir} records {recorded} "
+                                  f"(from {config.layout_source})")
+    elif given:
+        overrides = {field.split(".")[-1]: value for field, value in given.items()}
+        overrides["layout_source"] = CARD_LAYOUT
+        try:
+            config = OscarConfig.load(local, **overrides)
+        except ValueError as exc:
+            raise ConfigError(f"model_layout: {exc}") from None
+    layout = input_layout(config)
+    log.info("model dir %s: input layout %s", card.model_dir, layout)
+    return layout, overrides
 
 
 def _plan(card: EvaluateCard) -> tuple[dict[str, list[str]], list[str], list[str]]:
@@ -82,7 +119,8 @@ def _plan(card: EvaluateCard) -> tuple[dict[str, list[str]], list[str], list[str
 
 
 def _evaluate_captions(
-    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path, summary: dict[str, Any]
+    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path, summary: dict[str, Any],
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
     cap = card.caption
     refs = {i: references[i] for i in image_ids}
@@ -106,6 +144,7 @@ def _evaluate_captions(
             batch_size=card.actors.batch_size,
             num_gpus_per_actor=card.actors.num_gpus_per_actor,
             num_cpus_per_actor=card.actors.num_cpus_per_actor,
+            config_overrides=overrides,
         )
         predictions = dict(zip(table.column("image_id").to_pylist(), table.column("caption").to_pylist()))
     seconds = time.perf_counter() - start
@@ -114,7 +153,13 @@ def _evaluate_captions(
         name = pred_tsv_name(Path(card.features).stem, card.split or "all", cap.num_beams, cap.max_gen_length, True)
         files["pred_tsv"] = str(write_pred_tsv(table, out / name))
 
-    results = [score_captions(predictions, refs, tokenization=t, metrics=cap.metrics) for t in cap.tokenizations]
+    results, rejected = [], {}
+    for tokenization in cap.tokenizations:
+        try:
+            results.append(score_captions(predictions, refs, tokenization=tokenization, metrics=cap.metrics))
+        except SubmissionRejected as exc:  # the kit scores nothing: say so instead of reporting zeros
+            rejected[tokenization] = str(exc)
+            log.warning("%s: %s", tokenization, exc)
     report_summary = {
         **summary,
         "num_images": len(image_ids),
@@ -129,6 +174,7 @@ def _evaluate_captions(
         "inference_seconds": round(seconds, 3),
         "metrics": {r.tokenization: r.scores for r in results},
         "skipped": {r.tokenization: r.skipped for r in results if r.skipped},
+        "rejected": rejected,
         "files": files,
     }
 
@@ -173,12 +219,14 @@ def _write_human_report(
 
 
 def _evaluate_retrieval(
-    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path
+    card: EvaluateCard, references: dict[str, list[str]], image_ids: list[str], out: Path, layout: dict[str, Any],
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
     ret = card.retrieval
     gallery_ids = _gallery_ids(card, image_ids)
     try:
-        gallery = build_gallery(gallery_ids, references, load_regions(card.features, gallery_ids), ret.captions_per_image)
+        regions = load_regions(card.features, gallery_ids, layout["tag_map"])
+        gallery = build_gallery(gallery_ids, references, regions, ret.captions_per_image)
         if ret.mode == "rerank":
             pairs, labels, queries = rerank_pairs(gallery, _read_candidates(ret.candidates), ret.captions_per_image)
         else:
@@ -193,7 +241,8 @@ def _evaluate_retrieval(
         num_actors=card.actors.num_actors,
         chunk_size=ret.chunk_size,
         batch_size=card.actors.batch_size,
-        att_mask_type=ret.att_mask_type,
+        att_mask_type=layout["att_mask_type"],
+        config_overrides=overrides,
         num_gpus_per_actor=card.actors.num_gpus_per_actor,
         num_cpus_per_actor=card.actors.num_cpus_per_actor,
     )

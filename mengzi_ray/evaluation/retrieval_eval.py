@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -131,10 +131,11 @@ class PairScorer:
     """
 
     def __init__(
-        self, model_dir: str, gallery: Gallery, pairs: PairIndex, batch_size: int, att_mask_type: MaskType, use_gpu: bool
+        self, model_dir: str, gallery: Gallery, pairs: PairIndex, batch_size: int, att_mask_type: MaskType, use_gpu: bool,
+        config_overrides: dict[str, Any] | None = None,
     ) -> None:
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device)
+        self.model = OscarForRetrieval.from_pretrained(model_dir, **(config_overrides or {})).to(self.device)
         config = self.model.config
         layout = RetrievalLayout(
             max_seq_length=config.max_seq_length,
@@ -143,7 +144,8 @@ class PairScorer:
             add_od_labels=config.add_od_labels,
             att_mask_type=att_mask_type,
         )
-        self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir), layout)
+        tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=config.do_lower_case)
+        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
         self.gallery = gallery
         self.index = pairs
         self.batch_size = batch_size
@@ -175,6 +177,7 @@ def score_pairs(
     att_mask_type: MaskType = "CLR",
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
+    config_overrides: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Score every pair of ``pairs`` with ``num_actors`` Ray actors; returns (num_pairs,) float32 (Ray must be up).
 
@@ -192,7 +195,8 @@ def score_pairs(
     actor_cls = ray.remote(PairScorer).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
     gallery_ref = ray.put(gallery)
     actors = [
-        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, att_mask_type, num_gpus_per_actor > 0)
+        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, att_mask_type, num_gpus_per_actor > 0,
+                         config_overrides)
         for _ in range(min(num_actors, -(-total // chunk_size)))
     ]
     scores = np.full(total, np.nan, dtype=np.float32)

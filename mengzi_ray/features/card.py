@@ -173,19 +173,6 @@ class ExtractCard(Card):
     job_id: str | None = Field(None, description="written to errors/; default: a fresh id per run")
 
 
-class ImportOscarCard(Card):
-    """`mengzi-ray import-oscar`: Oscar/VinVL TSV features (+ labels) → our feature dataset (streams in the
-    driver process: a sequential file scan needs no cluster)."""
-
-    format: Literal["vinvl", "caption"] = Field(
-        ..., description="vinvl: 3-column features.tsv (key, num_boxes, base64); caption: key + json feature.tsv"
-    )
-    features: str = Field(..., description="features.tsv / feature.tsv (local or s3://)")
-    labels: str = Field(..., description="predictions.tsv / label tsv with the objects (rect, class, conf)")
-    output: str = Field(..., min_length=1, description="dataset dir (local or s3://); writes features/")
-    detector: str = Field("vinvl_import", description="value of the detector column")
-
-
 class ExportOscarCard(Card):
     """`mengzi-ray export-oscar`: our feature dataset → VinVL TSV layout (features.tsv, predictions.tsv,
     imageid2idx.json, .lineidx files); streams in the driver process like the import."""

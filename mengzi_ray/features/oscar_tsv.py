@@ -1,6 +1,7 @@
-"""Oscar/VinVL TSV interop (oscar-formats.md §1.1-1.5): `mengzi-ray import-oscar` and `mengzi-ray export-oscar`.
+"""Oscar/VinVL TSV export (`mengzi-ray export-oscar`) and the VinVL region encoding; the importers of every original
+layout are in features/oscar_import/.
 
-Layouts read and written:
+Layouts written (and read back by `import-oscar` formats vinvl/caption):
 - VinVL `features.tsv`: `key \\t num_boxes \\t base64(float32[num_boxes * D])` (D = 2054, or 2048 without geometry);
 - caption `feature.tsv`: `key \\t {"num_boxes": N, "features": base64(float32[N * D])}`;
 - `predictions.tsv` / label tsv: `key \\t {"image_h", "image_w", "objects": [{"rect", "class", "conf", ...}]}` or
@@ -15,25 +16,18 @@ back, so dataset → TSV → dataset is lossless. Both jobs stream in the driver
 from __future__ import annotations
 
 import base64
-import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
-from mengzi_ray.features.card import ExportOscarCard, ImportOscarCard
-from mengzi_ray.features.schema import APPEARANCE_DIM, FEATURES_SCHEMA, REGION_DIM, box_geometry
-from mengzi_ray.text.tags import TagVocabulary
+from mengzi_ray.features.card import ExportOscarCard
+from mengzi_ray.features.schema import REGION_DIM
 
-OSCAR_DEFAULT_HW = (600, 800)  # Oscar's run_retrieval default when a label row has no image_h/image_w
-ROWS_PER_FILE = 2000
 
 
 def encode_regions(vectors: np.ndarray) -> str:
@@ -49,19 +43,6 @@ def decode_regions(text: str, num_boxes: int) -> np.ndarray:
     if flat.size % num_boxes:
         raise ValueError(f"{flat.size} floats do not split into {num_boxes} boxes")
     return flat.reshape(num_boxes, -1).astype(np.float32)
-
-
-def _tsv_rows(uri: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, tab-split stripped columns) of every non-empty line of a tsv (local or s3://)."""
-    fs, path = storage.filesystem_for(uri)
-    try:
-        stream = fs.open_input_stream(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{uri}: file not found") from None
-    with stream, io.TextIOWrapper(stream, encoding="utf-8") as text:
-        for number, line in enumerate(text, start=1):
-            if line.strip():
-                yield number, [col.strip() for col in line.rstrip("\n").split("\t")]
 
 
 class TsvWriter:
@@ -83,107 +64,6 @@ class TsvWriter:
         self.stream.close()
         with self.fs.open_output_stream(f"{self.dir}/{self.name}.lineidx") as f:
             f.write("".join(f"{o}\n" for o in self.offsets).encode("ascii"))
-
-
-def _labels_by_key(uri: str) -> dict[str, Any]:
-    out = {}
-    for number, cols in _tsv_rows(uri):
-        if len(cols) < 2:
-            raise ConfigError(f"{uri} line {number}: expected key<TAB>json")
-        try:
-            out[cols[0]] = json.loads(cols[-1])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{uri} line {number}: label json does not parse: {exc}") from None
-    return out
-
-
-def _feature_rows(card: ImportOscarCard) -> Iterator[tuple[str, np.ndarray]]:
-    for number, cols in _tsv_rows(card.features):
-        where = f"{card.features} line {number}"
-        try:
-            if card.format == "vinvl":
-                if len(cols) != 3:
-                    raise ValueError(f"expected 3 columns (key, num_boxes, base64), got {len(cols)}")
-                yield cols[0], decode_regions(cols[2], int(cols[1]))
-            else:
-                record = json.loads(cols[-1])
-                yield cols[0], decode_regions(record["features"], int(record["num_boxes"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-
-
-def imported_row(key: str, vectors: np.ndarray, label: Any, features_uri: str, detector: str) -> dict[str, Any]:
-    """One FEATURES_SCHEMA row from a feature-tsv row and its label json (dict with objects, or a bare list)."""
-    objects = label.get("objects", []) if isinstance(label, dict) else label
-    meta = label if isinstance(label, dict) else {}
-    height, width = int(meta.get("image_h", OSCAR_DEFAULT_HW[0])), int(meta.get("image_w", OSCAR_DEFAULT_HW[1]))
-    if len(objects) != len(vectors):
-        raise ValueError(f"{len(vectors)} feature rows but {len(objects)} label objects")
-    if vectors.shape[1] == APPEARANCE_DIM:
-        boxes = np.asarray([o["rect"] for o in objects], np.float32).reshape(-1, 4)
-        vectors = np.concatenate([vectors, box_geometry(boxes, width, height)], axis=1)
-    elif vectors.shape[1] != REGION_DIM:
-        raise ValueError(f"region vectors have {vectors.shape[1]} dims, expected {APPEARANCE_DIM} or {REGION_DIM}")
-    if all("rect" in o for o in objects):
-        boxes = np.asarray([o["rect"] for o in objects], np.float32).reshape(-1, 4)
-    else:  # the geometry part holds x1/W, y1/H, x2/W, y2/H
-        boxes = vectors[:, APPEARANCE_DIM : APPEARANCE_DIM + 4] * np.float32([width, height, width, height])
-    labels = [str(o["class"]) for o in objects]
-    tags = meta.get("tags") or (TagVocabulary.default().translate(labels).tags if labels else [])
-    # scene_graph_benchmark writes `attributes` + `attr_scores` lists per object when asked; ours carry the top one
-    has_lists = bool(objects) and all("attr_scores" in o for o in objects)
-    attribute_lists = [[str(a) for a in o.get("attributes", [])] for o in objects] if has_lists else []
-    if has_lists:
-        attributes = [names[0] if names else "" for names in attribute_lists]
-    else:
-        attributes = [o["attributes"][0] for o in objects if o.get("attributes")]
-    return {
-        "image_id": key,
-        "source": meta.get("source", f"{features_uri}#{key}"),
-        "width": width,
-        "height": height,
-        "boxes": boxes.tolist(),
-        "features": vectors.tolist(),
-        "scores": [float(o.get("conf", 1.0)) for o in objects],
-        "labels": labels,
-        "tags": list(tags),
-        "attributes": attributes if len(attributes) == len(objects) else [],
-        "detector": meta.get("detector", detector),
-        "attribute_lists": attribute_lists,
-        "attribute_scores": [[float(v) for v in o["attr_scores"]] for o in objects] if has_lists else [],
-    }
-
-
-def run_import(card: ImportOscarCard) -> dict[str, Any]:
-    """Oscar/VinVL TSV → <output>/features/part-NNNNN.parquet. Returns and writes <output>/import_summary.json."""
-    labels = _labels_by_key(card.labels)
-    fs, root = storage.filesystem_for(card.output)
-    root = root.rstrip("/")
-    fs.create_dir(f"{root}/features", recursive=True)
-    rows: list[dict[str, Any]] = []
-    written, files = 0, 0
-
-    def flush() -> None:
-        nonlocal files, written, rows
-        if rows:
-            pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA),
-                           f"{root}/features/part-{files:05d}.parquet", filesystem=fs)
-            files, written, rows = files + 1, written + len(rows), []
-
-    for key, vectors in _feature_rows(card):
-        if key not in labels:
-            raise ConfigError(f"{card.features}: image {key!r} has no row in {card.labels}")
-        try:
-            rows.append(imported_row(key, vectors, labels[key], card.features, card.detector))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{card.features}: image {key!r}: {exc}") from None
-        if len(rows) >= ROWS_PER_FILE:
-            flush()
-    flush()
-    summary = {"images": written, "files": files, "output": card.output}
-    with fs.open_output_stream(f"{root}/import_summary.json") as f:
-        f.write(json.dumps(summary).encode("utf-8"))
-    return summary
 
 
 def prediction_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,13 @@ class OscarConfig:
     max_seq_length: int = 70
     max_img_seq_length: int = 50
     add_od_labels: bool = True
+    do_lower_case: bool = True
+    att_mask_type: str = "CLR"  # retrieval attention mask (CLR | CL | CR | LR)
+    od_label_type: str = "vg"
+    # tag map the od labels are translated with from the English labels: None = the dataset's tags as stored;
+    # "langboat" for original Oscar / Mengzi-Oscar dirs (what the released checkpoints were trained with)
+    tag_map: str | None = None
+    layout_source: str = "config.json"  # where the layout fields came from (original dirs: training_args.bin)
     # --- keys of the source config.json we carry but do not interpret ---
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +78,10 @@ class OscarConfig:
             raise ValueError("label_smoothing and drop_worst_ratio must be in [0, 1)")
         if self.img_feature_type.startswith("dis_code"):
             raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
+        if self.att_mask_type not in ("CLR", "CL", "CR", "LR"):
+            raise ValueError(f"att_mask_type must be CLR, CL, CR or LR, got {self.att_mask_type!r}")
+        if self.tag_map not in (None, "corrected", "langboat"):
+            raise ValueError(f"tag_map must be null, corrected or langboat, got {self.tag_map!r}")
         if self.max_seq_a_length > self.max_seq_length:
             raise ValueError(
                 f"max_seq_a_length ({self.max_seq_a_length}) exceeds max_seq_length ({self.max_seq_length})"
@@ -123,6 +134,8 @@ class OscarConfig:
 
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> "OscarConfig":
+        """config.json of a model dir; for an original dir (no layout fields in config.json) the layout comes from
+        its training_args.bin (read without a full unpickle) and the tag map is langboat. `overrides` win."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: a model dir needs config.json")
@@ -132,6 +145,11 @@ class OscarConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if "max_img_seq_length" not in data:  # an original Oscar / Mengzi-Oscar dir: layout in training_args.bin
+            from mengzi_ray.modeling.model_dir import original_layout
+
+            layout, source = original_layout(directory)
+            data = {**data, **layout, "layout_source": source}
         return cls.from_dict(data, **overrides)
 
 

@@ -7,6 +7,8 @@ is one batched `generate` call.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -15,10 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.evaluation.caption_inference import generation_layout
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import decode_caption, load_tokenizer, tag_string
+from mengzi_ray.text.tags import region_tags
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +33,12 @@ class RegionSet:
 
     features: np.ndarray
     tags: list[str]
+    labels: list[str] | None = None  # the detector's English class names, when the regions came from it
+
+    def tags_for(self, tag_map: str | None) -> list[str]:
+        """The tags a model with `tag_map` is fed (text.tags.region_tags): re-translated from the English labels
+        for a dir trained with another map (langboat for released dirs), else as given."""
+        return region_tags(self.labels, self.tags, tag_map)
 
 
 @dataclass
@@ -52,8 +64,9 @@ class CaptionEngine:
         self.model = OscarForCaptioning.from_pretrained(model_dir).to(self.device).eval()
         self.model_dir = str(model_dir)
         source = self.model.source_dir or model_dir
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = load_tokenizer(source, do_lower_case=self.model.config.do_lower_case)
         self.tensorizer = CaptionTensorizer(self.tokenizer, generation_layout(self.model.config, max_gen_length))
+        log.info("captioner %s: input layout %s", model_dir, input_layout(self.model.config))
         self.max_gen_length = max_gen_length
         self.length_penalty = length_penalty
 
@@ -78,7 +91,9 @@ class CaptionEngine:
         for (num_beams, top_n), indices in groups.items():
             start = time.perf_counter()
             examples = [
-                self.tensorizer.test_example(tag_string(jobs[i].regions.tags), jobs[i].regions.features) for i in indices
+                self.tensorizer.test_example(tag_string(jobs[i].regions.tags_for(self.model.config.tag_map)),
+                                             jobs[i].regions.features)
+                for i in indices
             ]
             batch = {k: torch.as_tensor(np.stack([e[k] for e in examples])).to(self.device) for k in examples[0]}
             out = self.model.generate(

@@ -18,6 +18,7 @@ import numpy as np
 from ray import serve
 
 from mengzi_ray.features.schema import region_matrix
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, CaptionResult, RegionSet
 from mengzi_ray.serving.errors import ApiError
 from mengzi_ray.serving.gallery import load_gallery
@@ -117,7 +118,8 @@ class Detector:
             row = detections_to_row(det, image_id="request", source="request", width=width, height=height, detector=self.detector.name)
             results.append(
                 DetectedImage(
-                    RegionSet(region_matrix(row["features"]), row["tags"]), row["boxes"], row["labels"], row["scores"], width, height
+                    RegionSet(region_matrix(row["features"]), row["tags"], row["labels"]), row["boxes"], row["labels"],
+                    row["scores"], width, height
                 )
             )
         return results
@@ -175,6 +177,7 @@ class Captioner:
             "vocab_size": cfg.vocab_size,
             "max_gen_length": self.engine.max_gen_length,
             "max_regions": self.engine.max_regions,
+            "input_layout": input_layout(cfg),
             **self.stats.as_dict(),
         }
 
@@ -192,14 +195,15 @@ class Retriever:
         self.section = section
         encoder = CrossEncoder(section.model_dir, chunk=section.rerank_chunk)
         self.gallery_section = section.gallery
-        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery), section.candidates)
+        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.model.config.tag_map),
+                                      section.candidates)
         self.stats = BatchStats()
         configure_batching(self.search, section)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         wanted = GallerySection.model_validate(user_config.get("gallery") or self.section.gallery.model_dump())
         if wanted != self.gallery_section:
-            self.engine.set_gallery(load_gallery(wanted))
+            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.model.config.tag_map))
             self.gallery_section = wanted
             log.info("gallery reloaded: %d images from %s", len(self.engine.gallery), wanted.features)
 
@@ -233,6 +237,7 @@ class Retriever:
         gallery = self.engine.gallery
         return {
             "model_dir": self.engine.encoder.model_dir,
+            "input_layout": input_layout(self.engine.encoder.model.config),
             "gallery": self.gallery_section.features,
             "gallery_images": len(gallery),
             "gallery_captions": len(gallery.captions),

@@ -19,6 +19,7 @@ from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
 from mengzi_ray.storage import filesystem_for, is_remote
+from mengzi_ray.text.tags import region_tags
 
 @dataclass
 class Gallery:
@@ -62,11 +63,12 @@ def read_caption_rows(uri: str, split: str | None) -> tuple[list[str], list[str]
     return [str(r["text"]) for r in chosen], [str(r["image_id"]) for r in chosen]
 
 
-def load_gallery(section: GallerySection) -> Gallery:
+def load_gallery(section: GallerySection, tag_map: str | None = None) -> Gallery:
     """Read the features (and captions) the section names. With `texts` and `split`, the gallery is the images that
-    have captions of that split; captions of images outside the gallery are dropped, so every hit names its image."""
+    have captions of that split; captions of images outside the gallery are dropped, so every hit names its image.
+    `tag_map` (the model dir's) re-tags the regions from their English labels (text.tags.region_tags)."""
     fs, path = filesystem_for(section.features)
-    table = pq.read_table(path, filesystem=fs, columns=["image_id", "source", "features", "tags"])
+    table = pq.read_table(path, filesystem=fs, columns=["image_id", "source", "features", "tags", "labels"])
     captions: list[str] = []
     caption_ids: list[str] = []
     if section.texts is not None:
@@ -79,8 +81,9 @@ def load_gallery(section: GallerySection) -> Gallery:
         raise ValueError(f"{section.features}: no gallery images (split={section.split!r}, max_images={section.max_images})")
     image_ids = table.column("image_id").to_pylist()
     regions = [
-        RegionSet(feats, list(tags))
-        for feats, tags in zip(region_arrays(table.column("features")), table.column("tags").to_pylist())
+        RegionSet(feats, region_tags(labels, tags, tag_map))
+        for feats, tags, labels in zip(region_arrays(table.column("features")), table.column("tags").to_pylist(),
+                                       table.column("labels").to_pylist())
     ]
     known = set(image_ids)
     kept = [(text, image_id) for text, image_id in zip(captions, caption_ids) if image_id in known]

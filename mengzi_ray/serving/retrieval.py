@@ -11,6 +11,8 @@ cross-encoder. What this costs in recall against brute force is measured by benc
 
 from __future__ import annotations
 
+import logging
+
 import math
 import re
 from collections import Counter
@@ -21,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.captioning import RegionSet
@@ -29,7 +32,9 @@ from mengzi_ray.text import load_tokenizer, normalize_text, tag_string
 
 _NOT_WORD = re.compile(r"[^\w]+")
 # What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
-LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels")
+LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
+
+log = logging.getLogger(__name__)
 
 
 def char_ngrams(text: str) -> list[str]:
@@ -93,7 +98,9 @@ class CrossEncoder:
         self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device).eval()
         self.model_dir = str(model_dir)
         layout = RetrievalLayout(**{name: getattr(self.model.config, name) for name in LAYOUT_FIELDS})
-        self.tensorizer = RetrievalTensorizer(load_tokenizer(self.model.source_dir or model_dir), layout)
+        tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=self.model.config.do_lower_case)
+        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
+        log.info("retriever %s: input layout %s", model_dir, input_layout(self.model.config))
         self.chunk = chunk
 
     @torch.no_grad()
@@ -102,7 +109,7 @@ class CrossEncoder:
         out = np.zeros(len(pairs), dtype=np.float32)
         for start in range(0, len(pairs), self.chunk):
             examples = [
-                self.tensorizer.example(text, tag_string(regions.tags), regions.features)
+                self.tensorizer.example(text, tag_string(regions.tags_for(self.model.config.tag_map)), regions.features)
                 for text, regions in pairs[start : start + self.chunk]
             ]
             batch = {k: torch.as_tensor(np.stack([e[k] for e in examples])).to(self.device) for k in examples[0]}
@@ -148,7 +155,7 @@ class RetrievalEngine:
                 raise LookupError("the gallery has no captions (gallery.texts is not set)")
             assert query.regions is not None
             size = len(self.gallery.captions)
-            index, probe = self.caption_index, tag_string(query.regions.tags)
+            index, probe = self.caption_index, tag_string(query.regions.tags_for(self.encoder.model.config.tag_map))
         wanted = None if self.candidates is None else max(self.candidates, query.k)
         if wanted is None or wanted >= size:
             return np.arange(size)

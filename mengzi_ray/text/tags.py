@@ -4,6 +4,10 @@ Oscar feeds the detector's object labels ("tags") to the model next to the text.
 translates the 1,594 Visual Genome class names to Chinese; the default vocabulary shipped in
 ``data/tag_vocab_zh.json`` is that translation with its machine-translation errors corrected
 (every change is listed with a reason in ``data/tag_corrections.json``; see ``data/README.md``).
+
+Two named tag maps (:data:`TAG_MAPS`, :meth:`TagVocabulary.named`): ``corrected`` (that default) and ``langboat``,
+Langboat's ``chinese_label.json`` verbatim (``data/chinese_label.json``): the map the released Mengzi-Oscar
+checkpoints were trained with, so a released model is fed the tags it learned.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from mengzi_ray.text.normalize import normalize_text
 
 DEFAULT_VOCAB_RESOURCE = "tag_vocab_zh.json"
+TAG_MAPS = {"corrected": DEFAULT_VOCAB_RESOURCE, "langboat": "chinese_label.json"}
+TagMapName = Literal["corrected", "langboat"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,18 @@ class TagVocabulary:
     @classmethod
     def default(cls) -> TagVocabulary:
         """Return the shipped Visual Genome vocabulary (1,594 class names); loaded once, shared."""
-        return _default_vocabulary()
+        return _named_vocabulary("corrected")
+
+    @classmethod
+    def named(cls, name: str) -> TagVocabulary:
+        """Return a packaged tag map by name (``corrected`` | ``langboat``); loaded once, shared.
+
+        Raises:
+            ValueError: for any other name (listing the known ones).
+        """
+        if name not in TAG_MAPS:
+            raise ValueError(f"unknown tag map {name!r}; known: {sorted(TAG_MAPS)}")
+        return _named_vocabulary(name)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TagVocabulary:
@@ -131,11 +149,19 @@ class TagVocabulary:
         return f"TagVocabulary({len(self)} labels)"
 
 
-@functools.lru_cache(maxsize=1)
-def _default_vocabulary() -> TagVocabulary:
-    """Load the packaged default vocabulary once per process."""
-    resource = resources.files("mengzi_ray.text").joinpath("data").joinpath(DEFAULT_VOCAB_RESOURCE)
+@functools.lru_cache(maxsize=None)
+def _named_vocabulary(name: str) -> TagVocabulary:
+    """Load a packaged tag map once per process."""
+    resource = resources.files("mengzi_ray.text").joinpath("data").joinpath(TAG_MAPS[name])
     return TagVocabulary._from_json_text(resource.read_text(encoding="utf-8"), str(resource))
+
+
+def region_tags(labels: Sequence[str] | None, tags: Sequence[str], tag_map: str | None) -> list[str]:
+    """The Chinese tags a model is fed for one image: its English `labels` translated with the model dir's
+    `tag_map` when it names one and the row has one label per tag, else the stored `tags` (a dataset's own)."""
+    if tag_map and labels and len(labels) == len(tags):
+        return TagVocabulary.named(tag_map).translate(list(labels)).tags
+    return list(tags)
 
 
 def tag_string(tags: Iterable[str]) -> str:

@@ -22,7 +22,9 @@ class DataSection(Section):
     text: str = Field(..., description="text rows jsonl: image_id, text, kind, split")
     train_split: str = "train"
     val_split: str = "val"
-    kind: Literal["caption", "question"] = Field("caption", description="which text rows are text_a / captions")
+    kind: Literal["caption", "question", "all"] = Field(
+        "caption", description="which text rows are text_a / captions (all: every kind, e.g. an Oscar+ corpus)"
+    )
     max_val_images: int = Field(64, ge=2, description="validation images (first N of the val split)")
     cache_in_workers: bool = Field(
         False, description="keep each worker's shard in memory after the first epoch (small datasets only)"
@@ -222,6 +224,8 @@ class PretrainSection(Section):
     mlm_prob: float = Field(0.15, gt=0, le=1)
     texta_false_prob: float = Field(0.25, ge=0, le=1)
     negative_pool_size: int = Field(4096, ge=2, description="recent rows per worker that negatives are drawn from")
+    textb_sample_mode: Literal[0, 1] = Field(1, description="polluted text_b: 1 = another document's text_b "
+                                             "(Mengzi/VinVL), 0 = a random line (text_a or text_b) of it")
 
 
 class PretrainCard(TrainCard):

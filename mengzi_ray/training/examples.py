@@ -29,15 +29,19 @@ FEATURE_COLUMNS = ["image_id", "features", "tags"]
 
 
 def read_text_table(uri: str, split: str, kind: str) -> pa.Table:
-    """Text rows of one split and kind as an Arrow table (image_id, text), in file order."""
+    """Text rows of one split and kind (`all`: every kind) as an Arrow table (image_id, text[, text_b]), in file
+    order; text_b is kept when the rows have it (an imported Oscar+ corpus)."""
     fs, path = storage.filesystem_for(uri)
     with fs.open_input_stream(path) as f:
         table = pajson.read_json(f)
     missing = {"image_id", "text", "kind", "split"} - set(table.column_names)
     if missing:
         raise ValueError(f"{uri}: text rows lack columns {sorted(missing)}")
-    mask = pc.and_(pc.equal(table["split"], split), pc.equal(table["kind"], kind))
-    return table.filter(mask).select(["image_id", "text"])
+    mask = pc.equal(table["split"], split)
+    if kind != "all":
+        mask = pc.and_(mask, pc.equal(table["kind"], kind))
+    columns = ["image_id", "text"] + (["text_b"] if "text_b" in table.column_names else [])
+    return table.filter(mask).select(columns)
 
 
 def feature_dim(uri: str) -> int:
@@ -88,12 +92,16 @@ def _attach_texts(block: pa.Table, texts: pa.Table, per_image: bool) -> pa.Table
     """Inner join of a feature block with the broadcast text table (see module docstring)."""
     ids = block.column("image_id")
     hits = texts.filter(pc.is_in(texts["image_id"], value_set=ids))
+    with_b = "text_b" in texts.column_names
     if per_image:
-        grouped = hits.group_by("image_id", use_threads=False).aggregate([("text", "list")])
+        aggregates = [("text", "list")] + ([("text_b", "list")] if with_b else [])
+        grouped = hits.group_by("image_id", use_threads=False).aggregate(aggregates)
         rows = pc.index_in(grouped["image_id"], value_set=ids)
-        return block.take(rows).append_column("texts", grouped["text_list"])
+        out = block.take(rows).append_column("texts", grouped["text_list"])
+        return out.append_column("texts_b", grouped["text_b_list"]) if with_b else out
     rows = pc.index_in(hits["image_id"], value_set=ids)
-    return block.take(rows).append_column("text", hits["text"])
+    out = block.take(rows).append_column("text", hits["text"])
+    return out.append_column("text_b", hits["text_b"]) if with_b else out
 
 
 def _attach_broadcast_texts(block: pa.Table, texts_ref: Any, per_image: bool) -> pa.Table:
@@ -131,14 +139,17 @@ def to_records(batch: pa.Table | dict[str, Any]) -> list[ImageRecord]:
     offsets = feats.offsets.to_numpy() - feats.offsets[0].as_py()
     text_col = "texts" if "texts" in table.column_names else "text"
     texts = table.column(text_col).to_pylist()
+    b_col = "texts_b" if text_col == "texts" else "text_b"
+    texts_b = table.column(b_col).to_pylist() if b_col in table.column_names else [None] * table.num_rows
     return [
         ImageRecord(
             image_id=image_id,
             texts=t if isinstance(t, list) else [t],
             features=flat[offsets[i] : offsets[i + 1]],
             od_labels=tag_string(tags or []),
+            texts_b=None if b is None else (b if isinstance(b, list) else [b]),
         )
-        for i, (image_id, t, tags) in enumerate(
-            zip(table.column("image_id").to_pylist(), texts, table.column("tags").to_pylist())
+        for i, (image_id, t, tags, b) in enumerate(
+            zip(table.column("image_id").to_pylist(), texts, table.column("tags").to_pylist(), texts_b)
         )
     ]

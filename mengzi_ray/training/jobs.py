@@ -71,7 +71,10 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
         return init_uri, False
     import pyarrow.parquet as pq
 
-    texts = read_text_table(card.data.text, card.data.train_split, card.data.kind).column("text").to_pylist()
+    table = read_text_table(card.data.text, card.data.train_split, card.data.kind)
+    texts = table.column("text").to_pylist()
+    if "text_b" in table.column_names:  # QA answers are text too
+        texts += [b for b in table.column("text_b").to_pylist() if b]
     feat_fs, feat_path = storage.filesystem_for(card.data.features)
     tags = pq.ParquetDataset(feat_path, filesystem=feat_fs).read(columns=["tags"]).column("tags").to_pylist()
     tiny = card.model.tiny

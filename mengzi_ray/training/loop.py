@@ -62,7 +62,8 @@ def micro_batches(
     shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache_rng: np.random.Generator | None = None
 ) -> Iterator[list[ImageRecord]]:
     """Endless micro-batches of joined rows, epoch after epoch; `position` is updated as batches are taken, and
-    a non-zero `position.batches` at the start skips that many batches of the resumed epoch.
+    a non-zero `position.batches` at the start skips that many batches of the resumed epoch. ValueError when an
+    epoch holds no full micro-batch (the shard is smaller than batch_size), which would otherwise loop forever.
 
     With `cache_rng` (data.cache_in_workers) the first epoch streams from the shard and keeps its rows; later
     epochs re-shuffle those rows with `cache_rng` instead of re-running the Ray Data pipeline (small datasets,
@@ -78,7 +79,9 @@ def micro_batches(
                 batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer
             ))
         filling = cache_rng is not None and not cache
+        taken = 0
         for rows in epoch:
+            taken += 1
             if filling:
                 cache.extend(rows)
             if skip:
@@ -86,6 +89,9 @@ def micro_batches(
                 continue
             position.batches += 1
             yield rows
+        if not taken:  # every epoch would be empty: fail instead of spinning forever
+            raise ValueError(f"this worker's shard has fewer rows than one micro-batch ({batch_size}): lower "
+                             f"batch.per_worker_batch_size or scaling.num_workers, or add data")
         position.epoch += 1
         position.batches = 0
 

@@ -24,11 +24,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
-from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pollute
+from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pretrain_pair
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
+from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.modeling.inference import caption_images, collate
 from mengzi_ray.training.caption_local import MODEL_INPUTS
@@ -72,8 +73,10 @@ class Task(ABC):
         self.tokenizer = tokenizer
 
     def config_overrides(self) -> dict[str, Any]:
-        """OscarConfig fields the card sets for this task."""
-        return {"img_feature_dim": self.card.model.img_feature_dim, "use_img_layernorm": self.card.model.use_img_layernorm}
+        """OscarConfig fields the card sets for this task. Training feeds the dataset's stored tags (tag_map None)
+        and the layout written to config.json is the card's (layout_source)."""
+        return {"img_feature_dim": self.card.model.img_feature_dim, "use_img_layernorm": self.card.model.use_img_layernorm,
+                "tag_map": None, "layout_source": "config.json (training card)"}
 
     @abstractmethod
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
@@ -163,7 +166,10 @@ class RetrievalTask(Task):
 
     def config_overrides(self) -> dict[str, Any]:
         r = self.card.retrieval
-        return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels}
+        return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels,
+                "max_seq_length": r.max_seq_length, "att_mask_type": r.att_mask_type,
+                # unused by retrieval; kept within max_seq_length so the config stays valid
+                "max_seq_a_length": min(OscarConfig.max_seq_a_length, r.max_seq_length)}
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""
@@ -213,10 +219,14 @@ class PretrainTask(Task):
     def _examples(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> list[Batch]:
         out = []
         for r in rows:
-            text_a, text_b, label = pollute(
-                r.texts[0], r.od_labels, rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
-                other_text_a=lambda: pool.other(r.image_id).texts[0],
-                other_text_b=lambda: pool.other(r.image_id).od_labels,
+
+            def other(image_id: str = r.image_id) -> tuple[str, str]:
+                row = pool.other(image_id)
+                return row.texts[0], row.text_b(0)
+
+            text_a, text_b, label = pretrain_pair(
+                r.texts[0], r.text_b(0), rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
+                other, self.card.pretrain.textb_sample_mode,
             )
             out.append(self.tz.example(text_a, text_b, label, r.features, rng))
         return out
@@ -231,7 +241,8 @@ class PretrainTask(Task):
         rng = np.random.default_rng(0)
         pool = NegativePool(len(val_rows), rng)
         pool.add(val_rows)
-        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t]) for r in val_rows for t in r.texts]
+        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t], [r.texts_b[i]] if r.texts_b else None)
+                for r in val_rows for i, t in enumerate(r.texts)]
         model.eval()
         losses, hits, targets = [], 0, 0
         for b in self._batches(self._examples(rows, rng, pool), device):

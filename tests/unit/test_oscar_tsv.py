@@ -9,10 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mengzi_ray.config import ConfigError
+from mengzi_ray.config import ConfigError, JobFailed
 from mengzi_ray.datasets import write_synthetic_dataset
-from mengzi_ray.features.card import ExportOscarCard, ImportOscarCard
-from mengzi_ray.features.oscar_tsv import decode_regions, encode_regions, run_export, run_import
+from mengzi_ray.features.card import ExportOscarCard
+from mengzi_ray.features.oscar_import import run_import
+from mengzi_ray.features.oscar_import.cards import CaptionTsvImport, VinvlTsvImport
+from mengzi_ray.features.oscar_tsv import decode_regions, encode_regions, run_export
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def synthetic(tmp_path: Path) -> Path:
 def export_import(dataset: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
     tsv, back = tmp_path / f"{name}_tsv", tmp_path / f"{name}_back"
     run_export(ExportOscarCard(dataset=str(dataset), output=str(tsv)))
-    run_import(ImportOscarCard(format="vinvl", features=str(tsv / "features.tsv"),
+    run_import(VinvlTsvImport(format="vinvl", features=str(tsv / "features.tsv"),
                                labels=str(tsv / "predictions.tsv"), output=str(back)))
     return tsv, back
 
@@ -62,7 +64,7 @@ def test_vinvl_2048_features_and_caption_layout_import(tmp_path: Path) -> None:
     (tmp_path / "predictions.tsv").write_text("img1\t" + json.dumps({"image_h": 60, "image_w": 80,
                                                                        "objects": objects}) + "\n")
     (tmp_path / "features.tsv").write_text(f"img1\t2\t{encode_regions(appearance)}\n")
-    run_import(ImportOscarCard(format="vinvl", features=str(tmp_path / "features.tsv"),
+    run_import(VinvlTsvImport(format="vinvl", features=str(tmp_path / "features.tsv"),
                                labels=str(tmp_path / "predictions.tsv"), output=str(tmp_path / "a")))
     row = pq.read_table(tmp_path / "a" / "features").to_pylist()[0]
     vectors = np.asarray(row["features"], np.float32)
@@ -71,41 +73,52 @@ def test_vinvl_2048_features_and_caption_layout_import(tmp_path: Path) -> None:
     assert row["tags"] == ["狗", "猫"] and (row["width"], row["height"]) == (80, 60)
 
     full = np.concatenate([appearance, vectors[:, 2048:]], axis=1)
-    (tmp_path / "label.tsv").write_text("img1\t" + json.dumps(objects) + "\n")  # bare list: Oscar's 600x800
+    (tmp_path / "label.tsv").write_text("img1\t" + json.dumps(objects) + "\n")  # bare list: size from geometry
     (tmp_path / "feature.tsv").write_text("img1\t" + json.dumps({"num_boxes": 2,
                                                                   "features": encode_regions(full)}) + "\n")
-    run_import(ImportOscarCard(format="caption", features=str(tmp_path / "feature.tsv"),
+    run_import(CaptionTsvImport(format="caption", features=str(tmp_path / "feature.tsv"),
                                labels=str(tmp_path / "label.tsv"), output=str(tmp_path / "b")))
     row = pq.read_table(tmp_path / "b" / "features").to_pylist()[0]
     np.testing.assert_array_equal(np.asarray(row["features"], np.float32), full)
-    assert (row["width"], row["height"]) == (800, 600) and row["boxes"][1] == [10, 5, 80, 60]
+    assert (row["width"], row["height"]) == (80, 60) and row["boxes"][1] == [10, 5, 80, 60]
+    (tmp_path / "label.tsv").write_text("img1\t" + json.dumps([{"class": "dog"}, {"class": "cat"}]) + "\n")
+    run_import(CaptionTsvImport(format="caption", features=str(tmp_path / "feature.tsv"),
+                                labels=str(tmp_path / "label.tsv"), output=str(tmp_path / "c")))
+    row = pq.read_table(tmp_path / "c" / "features").to_pylist()[0]  # no rects, no size: Oscar's 600x800
+    assert (row["width"], row["height"]) == (800, 600)
+    np.testing.assert_allclose(row["boxes"][1], [100, 50, 800, 600], rtol=1e-5)  # x1/W·800
 
 
 def test_bad_rows_name_the_file_and_image(tmp_path: Path) -> None:
     (tmp_path / "p.tsv").write_text('img1\t{"objects": [{"rect": [0,0,1,1], "class": "dog"}]}\n')
     (tmp_path / "f.tsv").write_text(f"img1\t2\t{encode_regions(np.zeros((2, 2054)))}\n")
-    card = ImportOscarCard(format="vinvl", features=str(tmp_path / "f.tsv"), labels=str(tmp_path / "p.tsv"),
-                           output=str(tmp_path / "o"))
-    with pytest.raises(ConfigError, match=r"f.tsv: image 'img1': 2 feature rows but 1 label objects"):
+    card = VinvlTsvImport(format="vinvl", features=str(tmp_path / "f.tsv"), labels=str(tmp_path / "p.tsv"),
+                          output=str(tmp_path / "o"))
+    with pytest.raises(JobFailed, match=r"f.tsv line 1 \(labels .*p.tsv line 1\): 2 feature rows but 1 label"):
         run_import(card)
     (tmp_path / "f.tsv").write_text(f"img2\t1\t{encode_regions(np.zeros((1, 2054)))}\n")
-    with pytest.raises(ConfigError, match="image 'img2' has no row in"):
+    with pytest.raises(JobFailed, match="image 'img2' has no row in"):
         run_import(card)
     (tmp_path / "f.tsv").write_text("img1\tnotanumber\n")
-    with pytest.raises(ConfigError, match="f.tsv line 1: expected 3 columns"):
+    with pytest.raises(JobFailed, match="f.tsv line 1: expected 3 columns"):
         run_import(card)
+    with pytest.raises(ConfigError, match="missing.tsv: file not found"):
+        run_import(card.model_copy(update={"features": str(tmp_path / "missing.tsv")}))
     with pytest.raises(ConfigError, match="no features/ directory"):
         run_export(ExportOscarCard(dataset=str(tmp_path / "nothing"), output=str(tmp_path / "x")))
 
 
 def test_attribute_lists_survive_the_predictions_json() -> None:
-    from mengzi_ray.features.oscar_tsv import imported_row, prediction_json
+    from mengzi_ray.features.oscar_import.regions import region_record
+    from mengzi_ray.features.oscar_tsv import prediction_json
     from mengzi_ray.features.schema import feature_row
+    from mengzi_ray.text.tags import TagVocabulary
 
     row = feature_row(image_id="a", source="s", width=100, height=80, boxes=np.array([[1, 2, 30, 40], [5, 5, 9, 9]]),
                       appearance=np.ones((2, 2048), np.float32), scores=[0.9, 0.5], labels=["dog", "cat"],
                       tags=["狗", "猫"], detector="d", attributes=["black", ""],
                       attribute_lists=[["black", "small"], []], attribute_scores=[[0.5, 0.25], []])
-    back = imported_row("a", np.asarray(row["features"], np.float32), prediction_json(row), "f.tsv", "x")
-    assert back["attribute_lists"] == [["black", "small"], []] and back["attribute_scores"] == [[0.5, 0.25], []]
-    assert back["attributes"] == ["black", ""]
+    back = region_record("a", np.asarray(row["features"], np.float32), prediction_json(row), source="f.tsv#a",
+                         detector="x", tags=TagVocabulary.default(), where="f.tsv line 1")
+    assert back.attribute_lists == [["black", "small"], []] and back.attribute_scores == [[0.5, 0.25], []]
+    assert back.attributes == ["black", ""]

@@ -112,6 +112,9 @@ def test_micro_batches_track_and_skip_the_data_position(data: Path) -> None:
     cached = micro_batches(shard, 5, 16, DataPosition(), np.random.default_rng(0))
     texts = [r.texts[0] for _ in range(3 * per_epoch) for r in next(cached)]
     assert shard.calls == 1 and len(texts) == 3 * per_epoch * 5  # later epochs come from the worker's cache
+    too_small = micro_batches(FakeShard(joined.slice(0, 4)), 5, 16, DataPosition())
+    with pytest.raises(ValueError, match="fewer rows than one micro-batch \\(5\\)"):
+        next(too_small)  # a shard without one full batch fails instead of looping over empty epochs
 
 
 def test_sampling_is_differentiable_and_greedy_at_low_temperature(data: Path, tmp_path: Path) -> None:
