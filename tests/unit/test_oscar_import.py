@@ -90,6 +90,21 @@ def test_sgb_predictions_with_hw_tsv_langboat_tags(tmp_path: Path) -> None:
         run_import(card(format="sgb_predictions", predictions=str(preds), output=str(tmp_path / "nohw")))
     first = json.loads((tmp_path / "nohw" / "import_errors.jsonl").read_text().splitlines()[0])
     assert first["reason"] == "image_size" and first["line"] == 1 and first["file"] == str(preds)
+    # sizes from the image files themselves (PNG headers named by key); a key without a file fails by name
+    from PIL import Image
+
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for im in images[:2]:
+        Image.new("RGB", (im.width, im.height)).save(image_dir / f"{im.key}.png")
+    with pytest.raises(JobFailed, match="1 of 3 rows failed"):
+        run_import(card(format="sgb_predictions", predictions=str(preds), images=str(image_dir),
+                        output=str(tmp_path / "sized"), tags="langboat"))
+    rows = features(tmp_path / "sized")
+    for im in images[:2]:
+        assert_image(rows[str(im.key)], im, TagVocabulary.named("langboat"))
+    error = json.loads((tmp_path / "sized" / "import_errors.jsonl").read_text().splitlines()[0])
+    assert error["reason"] == "image_size" and f"{images[2].key}.<jpg" in error["error"]
 
 
 def test_vinvl_caption_split_features_texts_references(tmp_path: Path) -> None:

@@ -47,8 +47,9 @@ class SgbPredictionsImport(ImportBase):
 
     format: Literal["sgb_predictions"]
     predictions: str = Field(..., description="predictions.tsv written by tools/test_sg_net.py")
-    hw: str | None = Field(None, description="hw tsv (key, [{height, width}]) of the detector's input dataset; "
-                           "without it every row needs image_h/image_w")
+    hw: str | None = Field(None, description="hw tsv (key, [{height, width}]) of the detector's input dataset")
+    images: str | None = Field(None, description="dir or s3:// prefix holding <key>.<jpg|png|...>: sizes of rows "
+                               "without an hw row or image_h/image_w are read from the image headers")
 
 
 class VinvlCaptionImport(ImportBase):

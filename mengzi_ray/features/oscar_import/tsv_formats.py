@@ -7,10 +7,12 @@ Labels are looked up through an on-disk key index, so the label tsv may be in an
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any, Literal
 
+from mengzi_ray import storage
 from mengzi_ray.features.oscar_import.cards import CaptionTsvImport, SgbPredictionsImport, VinvlTsvImport
 from mengzi_ray.features.oscar_import.common import KeyedTsv, RowError, normalize_image_id, tsv_lines
 from mengzi_ray.features.oscar_import.outputs import ImportRun
@@ -99,6 +101,27 @@ def _hw(index: KeyedTsv | None, key: str, where: str) -> tuple[int, int] | None:
         raise RowError("image_size", f"{where}: hw row of {key!r} in {index.uri} has no height/width") from None
 
 
+def image_file_size(root: str, key: str, where: str) -> tuple[int, int]:
+    """(height, width) of `<root>/<key>.<ext>` (the first image extension that exists), from the file's header."""
+    from PIL import Image
+
+    from mengzi_ray.features.card import IMAGE_EXTENSIONS
+
+    for ext in IMAGE_EXTENSIONS:
+        uri = f"{root.rstrip('/')}/{key}.{ext}"
+        try:
+            data = storage.read_bytes(uri)
+        except (FileNotFoundError, OSError):
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception as exc:  # PIL raises many types for bytes that are not an image
+            raise RowError("image_size", f"{where}: {uri} is not a readable image ({exc})") from None
+        return height, width
+    raise RowError("image_size", f"{where}: no image {key}.<{'|'.join(IMAGE_EXTENSIONS)}> under {root} for its size")
+
+
 def run_sgb_predictions(card: SgbPredictionsImport) -> dict[str, Any]:
     """`sgb_predictions`: scene_graph_benchmark predictions.tsv (+ hw tsv) → features/ (2048-d features + box
     geometry from rect and the image size; attributes when the objects carry them)."""
@@ -119,9 +142,12 @@ def run_sgb_predictions(card: SgbPredictionsImport) -> dict[str, Any]:
                 except json.JSONDecodeError as exc:
                     raise RowError("json", f"{where}: prediction json does not parse ({exc.msg})") from None
                 vectors = objects_with_features(label, where)
+                size = _hw(hw, cols[0], where)
+                if size is None and card.images and not ("image_h" in label and "image_w" in label):
+                    size = image_file_size(card.images, cols[0], where)
                 record = region_record(normalize_image_id(cols[0]), vectors, label,
                                        source=f"{card.predictions}#{cols[0]}", detector=card.detector,
-                                       tags=run.tags, where=where, hw=_hw(hw, cols[0], where), size_default=None)
+                                       tags=run.tags, where=where, hw=size, size_default=None)
             except RowError as exc:
                 run.fail("features", card.predictions, number, exc, key)
                 continue
