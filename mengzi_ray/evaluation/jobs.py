@@ -36,7 +36,7 @@ from mengzi_ray.evaluation.references import (
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, rerank_pairs, score_pairs
 from mengzi_ray.evaluation.retrieval_metrics import rerank_recall, retrieval_recall
 from mengzi_ray.ray_runtime import ensure_ray
-from mengzi_ray.storage import is_remote
+from mengzi_ray.storage import is_remote, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
         summary.update(_evaluate_captions(card, references, image_ids, out, summary))
     else:
         summary.update(_evaluate_retrieval(card, references, image_ids, out))
-    (out / "metrics.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(str(out / "metrics.json"), summary)
     return summary
 
 

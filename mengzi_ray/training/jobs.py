@@ -66,7 +66,7 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
     if card.model.from_bert:
         return card.model.from_bert, True
     init_uri = f"{run_dir}/init"
-    fs, path = storage.filesystem_for(f"{init_uri}/model.safetensors")
+    fs, path = storage.filesystem_for(f"{init_uri}/{storage.COMPLETE_MARKER}")
     if fs.get_file_info(path).type.name != "NotFound":
         return init_uri, False
     import pyarrow.parquet as pq
@@ -86,7 +86,7 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
         )
         torch.manual_seed(tiny.seed)
         task.model_class(config).save_pretrained(local, vocab_file=local / "vocab.txt")
-        storage.upload_dir(local, init_uri)
+        storage.publish_dir(local, init_uri)
     return init_uri, False
 
 
@@ -172,9 +172,10 @@ def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict
             "best_checkpoint": best_info,
             "outputs": [f"{run_dir}/{p.name}" for p in written],
         }
-        (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # the model first, summary.json last: a summary that exists always names a whole model
+        storage.publish_dir(model_dir, summary["model_dir"])
         storage.upload_dir(report_dir, run_dir)
-        storage.upload_dir(model_dir, summary["model_dir"])
+        storage.write_json(f"{run_dir}/summary.json", summary)
     log.info("run %s: %s", card.run.name, summary["final_metrics"])
     return summary
 
