@@ -293,8 +293,9 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
     job_id = card.job_id or f"extract-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     inputs = list_inputs(card.input)
     fs, root = storage.filesystem_for(card.output)
-    if fs.get_file_info(f"{root.rstrip('/')}/_staging").type == pafs.FileType.Directory:
-        fs.delete_dir(f"{root.rstrip('/')}/_staging")  # an earlier run's unpublished chunk: redone below
+    staging = f"{root.rstrip('/')}/_staging"
+    if fs.get_file_info(staging).type == pafs.FileType.Directory:
+        fs.delete_dir(staging)  # an earlier run's unpublished chunk: redone below
     done_ids, failed_ids, torn = scan_output(card.output)
     retry = _to_retry(failed_ids, card.retry_failed)
     drop_error_rows(card.output, retry)
@@ -309,6 +310,8 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
             failed[stage] = failed.get(stage, 0) + n
         log.info("extract %s: %d/%d inputs processed", job_id, first + len(todo[first : first + card.chunk_size]),
                  len(todo))
+    if fs.get_file_info(staging).type == pafs.FileType.Directory:
+        fs.delete_dir(staging)
     seconds = time.perf_counter() - start
     failed_total = sum(failed.values())
     summary = {
