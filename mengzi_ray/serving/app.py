@@ -45,6 +45,7 @@ def compose_app(config: ServeAppConfig, *, ingress_runtime_env: dict[str, Any] |
         config.default_num_beams,
         config.auth_token_env,
         source_commit(),
+        config.allow_anonymous,
     )
 
 

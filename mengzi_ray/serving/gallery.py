@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,10 @@ from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
 from mengzi_ray.storage import filesystem_for, is_remote
+
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
 
 @dataclass
 class Gallery:
@@ -38,14 +43,28 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def local_image(self, image_id: str) -> Path | None:
-        """The gallery image's file when its source is a local file that exists (the demo page shows it)."""
+    def image_bytes(self, image_id: str, images_root: str | None) -> bytes | None:
+        """The gallery image's bytes (the demo page shows them), or None. Only a local file (file:// URI, percent-
+        decoded, or an absolute path) that resolves, symlinks followed, to a file under `images_root` and starts with
+        a PNG or JPEG signature is served: a dataset's `source` column is third-party data (import-oscar copies it
+        from predictions.tsv), so it must never name an arbitrary file of the replica."""
         index = self.index_of.get(image_id)
-        if index is None:
+        if index is None or images_root is None:
             return None
         source = self.sources[index]
-        path = Path(source.removeprefix("file://")) if source.startswith(("file://", "/")) else None
-        return path if path is not None and path.is_file() else None
+        if source.startswith("file://"):
+            location = unquote(urlparse(source).path)
+        elif source.startswith("/"):
+            location = source
+        else:
+            return None
+        root = Path(images_root).resolve()
+        path = Path(location).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+        return data if len(data) <= MAX_IMAGE_BYTES and data.startswith(IMAGE_SIGNATURES) else None
 
 
 def read_caption_rows(uri: str, split: str | None) -> tuple[list[str], list[str]]:
