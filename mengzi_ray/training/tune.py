@@ -40,6 +40,7 @@ from mengzi_ray.config import (
     validate_card,
 )
 from mengzi_ray.storage import download_dir, filesystem_for, is_remote, publish_dir, write_json
+from mengzi_ray.training.card import metric_mode
 from mengzi_ray.training.tune_results import (
     TrialRecord,
     best_row,
@@ -62,11 +63,6 @@ SWEPT_FIELDS: dict[str, tuple[str, str]] = {
     "global_batch_size": ("batch", "global_batch_size"),
 }
 """Trial config key → (section, field) of the training card it sets."""
-
-
-def metric_mode(metric: str) -> Literal["min", "max"]:
-    """Losses are minimised; accuracies, recalls and CIDEr maximised."""
-    return "min" if metric.endswith("loss") else "max"
 
 
 class TrainingRef(Section):
