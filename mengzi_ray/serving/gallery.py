@@ -5,7 +5,6 @@ Loaded by the `Retriever` deployment at start-up and when `user_config.gallery` 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -19,7 +18,7 @@ from mengzi_ray.data.records import read_text_rows
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
-from mengzi_ray.storage import filesystem_for, is_remote
+from mengzi_ray.storage import filesystem_for
 
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -69,16 +68,9 @@ class Gallery:
 
 def read_caption_rows(uri: str, split: str | None) -> tuple[list[str], list[str]]:
     """(captions, their image_ids) of a text jsonl (local or s3://), of one split or all."""
-    if is_remote(uri):
-        fs, path = filesystem_for(uri)
-        with tempfile.TemporaryDirectory() as tmp, fs.open_input_stream(path) as stream:
-            local = Path(tmp) / "text.jsonl"
-            local.write_bytes(stream.read())
-            rows = read_text_rows(local)
-    else:
-        rows = read_text_rows(uri)
+    rows = read_text_rows(uri)
     chosen = [r for r in rows if r["kind"] == "caption" and (split is None or r["split"] == split)]
-    return [str(r["text"]) for r in chosen], [str(r["image_id"]) for r in chosen]
+    return [str(r["text"]) for r in chosen], [r["image_id"] for r in chosen]
 
 
 def load_gallery(section: GallerySection) -> Gallery:

@@ -17,27 +17,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
-from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.data.records import ImageRecord, read_text_rows
 from mengzi_ray.text import tag_string
 
 FEATURE_COLUMNS = ["image_id", "features", "tags"]
 
 
 def read_text_table(uri: str, split: str, kind: str) -> pa.Table:
-    """Text rows of one split and kind as an Arrow table (image_id, text), in file order."""
-    fs, path = storage.filesystem_for(uri)
-    with fs.open_input_stream(path) as f:
-        table = pajson.read_json(f)
-    missing = {"image_id", "text", "kind", "split"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{uri}: text rows lack columns {sorted(missing)}")
-    mask = pc.and_(pc.equal(table["split"], split), pc.equal(table["kind"], kind))
-    return table.filter(mask).select(["image_id", "text"])
+    """Text rows of one split and kind as an Arrow table (image_id string, text), in file order, read by
+    data.records.read_text_rows (Arrow's JSON reader would type integer image_ids as int64, which then match no
+    feature row)."""
+    chosen = [r for r in read_text_rows(uri) if r["split"] == split and r["kind"] == kind]
+    return pa.table(
+        {"image_id": pa.array([r["image_id"] for r in chosen], pa.string()),
+         "text": pa.array([str(r["text"]) for r in chosen], pa.string())}
+    )
 
 
 def feature_dim(uri: str) -> int:
