@@ -114,7 +114,9 @@ def build_trainer(
     train_texts = read_text_table(card.data.text, card.data.train_split, card.data.kind)
     val_texts = read_text_table(card.data.text, card.data.val_split, card.data.kind)
     datasets = {
-        "train": joined_dataset(card.data.features, train_texts, per_image=task_cls.per_image_train).randomize_block_order(),
+        "train": joined_dataset(card.data.features, train_texts, per_image=task_cls.per_image_train).randomize_block_order(
+            seed=card.optim.seed
+        ),
         "val": joined_dataset(card.data.features, val_texts, per_image=True, limit=card.data.max_val_images),
     }
     fs_root = storage_root if storage.is_remote(storage_root) else str(Path(storage_root).resolve())
@@ -136,8 +138,18 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
+
+
+def _ordered_ingest() -> Any:
+    """Ray Train's ingest options with the output order kept: with the seeded block order and local shuffle, an
+    epoch's batches then come in the same order when a resumed run replays it (training/loop.py micro_batches)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict[str, Any]:
