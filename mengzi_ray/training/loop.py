@@ -193,15 +193,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _average_gradients(core: torch.nn.Module, world: int) -> None:
-    """All-reduce (mean) every gradient across the workers: what DDP does, for tasks it cannot wrap."""
+    """All-reduce (mean) every gradient across the workers, as DDP does, for tasks it cannot wrap: one collective
+    over all gradients flattened into one buffer, not one per parameter."""
     import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    for param in core.parameters():
-        if param.requires_grad:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= world
+    params = [p for p in core.parameters() if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
 
 
 def _save(d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, state: LoopState) -> None:
