@@ -16,6 +16,7 @@ Crash safety (every writer of the project goes through `write_bytes` / `publish_
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -109,18 +110,51 @@ def publish_file(fs: pafs.FileSystem, source: str, target: str) -> None:
     fs.move(source, target)
 
 
+DOWNLOADED_FLAG = ".downloaded"
+
+
+def cache_root() -> Path:
+    """Where s3:// dirs are downloaded: $MENGZI_RAY_CACHE, else <tmp>/mengzi_ray_cache."""
+    return Path(os.environ.get("MENGZI_RAY_CACHE") or Path(tempfile.gettempdir()) / "mengzi_ray_cache")
+
+
 def download_dir(uri: str, destination: str | Path | None = None) -> Path:
-    """Copy every file under `uri` (recursively) into a local dir and return it; local paths are returned as is."""
+    """Copy every file under `uri` (recursively) into a local dir and return it; local paths are returned as is.
+
+    Without `destination`, the copy goes to one cache slot per URI (cache_root()/<sha256 of the URI>), reused while
+    it is current: a dir published with a `_COMPLETE` marker is fetched again only when the remote marker changed,
+    one without a marker (a Ray checkpoint, which is never rewritten) once. Worker restarts, Serve replicas and the
+    driver therefore share one copy instead of leaving a new temp dir each. A slot is filled under a temp name and
+    renamed into place, so a reader never sees a partial copy."""
     if not is_remote(uri):
         return Path(uri)
     fs, path = filesystem_for(uri)
+    path = path.rstrip("/")
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri}: no such directory in the object store")
-    dest = Path(destination) if destination else Path(tempfile.mkdtemp(prefix="mengzi_ray_"))
-    dest.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
+    if destination is not None:
+        dest = Path(destination)
+        dest.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return dest
+    slot = cache_root() / hashlib.sha256(uri.rstrip("/").encode("utf-8")).hexdigest()[:32]
+    marker = f"{path}/{COMPLETE_MARKER}"
+    remote_marker = read_bytes(f"s3://{marker}") if fs.get_file_info(marker).type == pafs.FileType.File else None
+    if (slot / DOWNLOADED_FLAG).is_file():
+        local_marker = (slot / COMPLETE_MARKER).read_bytes() if (slot / COMPLETE_MARKER).is_file() else None
+        if local_marker == remote_marker:
+            return slot
+    slot.parent.mkdir(parents=True, exist_ok=True)
+    staged, old = _temp_sibling(slot, "tmp"), _temp_sibling(slot, "old")
+    staged.mkdir()
+    pafs.copy_files(path, str(staged), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    (staged / DOWNLOADED_FLAG).write_text(uri, encoding="utf-8")
+    if slot.exists():
+        os.replace(slot, old)
+    os.replace(staged, slot)
+    shutil.rmtree(old, ignore_errors=True)
+    return slot
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> str:
@@ -133,7 +167,7 @@ def upload_dir(local_dir: str | Path, uri: str) -> str:
 
 
 def mark_complete(local_dir: str | Path) -> Path:
-    """Write `<dir>/_COMPLETE` (last): {"files": {relative path: size}} of every other file in the dir."""
+    """Write `<dir>/_COMPLETE` (last): {"files": {relative path: size} of every other file, "export": a fresh id}."""
     base = Path(local_dir)
     files = {
         p.relative_to(base).as_posix(): p.stat().st_size
@@ -141,7 +175,9 @@ def mark_complete(local_dir: str | Path) -> Path:
         if p.is_file() and p.name != COMPLETE_MARKER
     }
     marker = base / COMPLETE_MARKER
-    write_bytes(str(marker), json.dumps({"files": files}, indent=1, sort_keys=True).encode("utf-8"))
+    # `export` tells two exports with equal file sizes apart (download_dir's cache compares markers)
+    body = {"files": files, "export": uuid.uuid4().hex}
+    write_bytes(str(marker), json.dumps(body, indent=1, sort_keys=True).encode("utf-8"))
     return marker
 
 

@@ -135,3 +135,22 @@ def test_a_torn_sweep_record_is_reported_and_rewritten(tmp_path: Path, caplog: p
     record.write_text('{"tune": {"run": ')
     assert _read_record(pafs.LocalFileSystem(), str(record)) is None
     assert "is torn" in caplog.text
+
+
+def test_s3_dirs_download_once_into_a_per_uri_cache(
+    tmp_path: Path, tiny_vocab_file: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("MENGZI_RAY_CACHE", str(tmp_path / "cache"))
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="models")
+    old, new = _model_dir(tmp_path, tiny_vocab_file, "old", 1), _model_dir(tmp_path, tiny_vocab_file, "new", 2)
+    storage.publish_dir(old, "s3://models/m")
+    first = storage.download_dir("s3://models/m")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert storage.download_dir("s3://models/m/") == first  # reused: no second copy, nothing left in /tmp
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    storage.publish_dir(new, "s3://models/m")  # a new export under the same URI: its marker changed
+    again = storage.download_dir("s3://models/m")
+    assert again == first and (again / "config.json").read_bytes() == (new / "config.json").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == (new / "model.safetensors").read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
+    OscarForRetrieval.from_pretrained("s3://models/m")
