@@ -29,8 +29,8 @@ bench: $(STAMP)
 
 # Debian packages the test suite uses: headless Chromium (web demo page test) and a CJK font (report images).
 system-deps:
-	@if [ -x /usr/bin/chromium ] && fc-list | grep -qi wqy; then echo "system packages present"; \
-	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei; fi
+	@if [ -x /usr/bin/chromium ] && fc-list | grep -qi wqy && command -v java >/dev/null; then echo "system packages present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei default-jre-headless; fi
 
 clean:
 	rm -rf $(VENV) outputs

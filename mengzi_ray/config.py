@@ -15,6 +15,7 @@ Conventions every card follows:
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -79,11 +80,19 @@ class RunSection(Section):
     name: str = Field(..., min_length=1, description="run name: re-submitting the same name resumes the run")
     storage_path: str = Field(..., description="local dir or s3:// URI for checkpoints, results and exports")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
+    allow_infinite_retries: bool = Field(
+        False, description="must be true for max_failures: -1 (a deterministic failure would then retry forever)"
+    )
 
     @model_validator(mode="after")
     def _name_is_a_path_part(self) -> "RunSection":
         if "/" in self.name or self.name in {".", ".."}:
             raise ValueError(f"run name {self.name!r} must be one path component")
+        if self.max_failures == -1 and not self.allow_infinite_retries:
+            raise ValueError(
+                "max_failures: -1 retries forever, also a failure that repeats on every try: set a number, or "
+                "allow_infinite_retries: true if that is what you want"
+            )
         return self
 
 
@@ -110,8 +119,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (plain YAML keeps the last one silently, so a
+    second `optim:` block would replace the whole first one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the later one would silently win)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
+
+
+def credential_uris(node: Any, path: str = "") -> list[str]:
+    """Dotted paths of every string in `node` that is a URI with user info (`s3://KEY:SECRET@bucket/...`)."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in credential_uris(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in credential_uris(v, f"{path}[{i}]")]
+    return [path or "(card)"] if isinstance(node, str) and _USERINFO.match(node.strip()) else []
+
+
 def validate_card(card_cls: type[CardT], data: dict[str, Any], source: str) -> CardT:
-    """Validate a mapping as `card_cls`; a failure is one ConfigError listing every bad field by dotted path."""
+    """Validate a mapping as `card_cls`; a failure is one ConfigError listing every bad field by dotted path. A URI
+    with credentials in it is refused (cards are echoed to logs, summary.json and training_card.json)."""
+    leaked = credential_uris(data)
+    if leaked:
+        raise ConfigError(
+            f"{source}: {', '.join(leaked)}: a URI with credentials in it (user:secret@); give credentials through "
+            "the environment / instance profile, never in a card"
+        )
     try:
         return card_cls.model_validate(data)
     except ValidationError as exc:
@@ -126,7 +170,7 @@ def load_card(card_cls: type[CardT], path: str | Path, overrides: list[str] | No
     """Read a YAML card, apply `--set` overrides, validate. Raises ConfigError naming the file and fields."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: job card not found") from None
     except yaml.YAMLError as exc:

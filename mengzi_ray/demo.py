@@ -64,7 +64,9 @@ def serve_and_ask(out: Path, data_dir: Path, caption_model: str, retrieval_model
     args = config["applications"][0]["args"]
     args["captioner"]["model_dir"] = caption_model
     args["retriever"]["model_dir"] = retrieval_model
-    args["retriever"]["gallery"].update(features=str(data_dir / "features"), texts=str(data_dir / "text.jsonl"))
+    args["retriever"]["gallery"].update(
+        features=str(data_dir / "features"), texts=str(data_dir / "text.jsonl"), images_root=str(data_dir / "images")
+    )
     for section in ("ingress", "detector", "captioner", "retriever"):
         args[section].update(min_replicas=1, max_replicas=1)
     port = free_port()

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mengzi_ray.features.schema import region_arrays
+from mengzi_ray import storage
 from mengzi_ray.storage import json_lines
 from mengzi_ray.text import tag_string
 
@@ -31,13 +32,21 @@ class ImageRecord:
         return own if own else self.od_labels
 
 
-def read_text_rows(path: str | Path) -> list[dict]:
-    """Rows of a text jsonl (image_id, text, kind, split); a bad line is an error naming file and line."""
+def read_text_rows(uri: str | Path) -> list[dict]:
+    """Rows of a text jsonl (image_id, text, kind, split), local or s3://: the one reader of text rows for training,
+    evaluation and serving. `image_id` is always a string (`123` and `"123"` name the same image, as in the feature
+    dataset, whose image_id column is a string); a bad line is an error naming file and line."""
     rows = []
-    for number, row in json_lines(Path(path).read_text(encoding="utf-8"), str(path)):
+    text = storage.read_bytes(str(uri)).decode("utf-8")
+    for number, row in json_lines(text, str(uri)):
+        if not isinstance(row, dict):
+            raise ValueError(f"{uri} line {number}: expected a JSON object, got {type(row).__name__}")
         missing = {"image_id", "text", "kind", "split"} - set(row)
         if missing:
-            raise ValueError(f"{path} line {number}: missing fields {sorted(missing)}")
+            raise ValueError(f"{uri} line {number}: missing fields {sorted(missing)}")
+        if isinstance(row["image_id"], (dict, list, bool)) or row["image_id"] is None:
+            raise ValueError(f"{uri} line {number}: image_id must be a string or an integer, got {row['image_id']!r}")
+        row["image_id"] = str(row["image_id"])
         rows.append(row)
     return rows
 

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from mengzi_ray.evaluation.caption_metrics import CaptionScores, format_table
-from mengzi_ray.storage import filesystem_for
+from mengzi_ray.storage import filesystem_for, write_bytes
 
 CJK_FONT_NAMES = ("WenQuanYi", "Noto Sans CJK", "Noto Serif CJK", "Source Han", "Droid Sans Fallback", "AR PL")
 
@@ -102,7 +102,7 @@ def write_report(
     for ex in examples:
         lines.append(f"- `{ex.image_id}`: **{ex.prediction}** — references: {' / '.join(ex.references)}")
     out = Path(out_path)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_bytes(str(out), ("\n".join(lines) + "\n").encode("utf-8"))
     return out
 
 

@@ -39,7 +39,7 @@ from mengzi_ray.evaluation.retrieval_metrics import rerank_recall, retrieval_rec
 from mengzi_ray.ray_runtime import ensure_ray
 from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling.model_dir import CARD_LAYOUT, input_layout, records_layout
-from mengzi_ray.storage import download_dir, is_remote
+from mengzi_ray.storage import download_dir, is_remote, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def run_evaluate(card: EvaluateCard) -> dict[str, Any]:
         summary.update(_evaluate_captions(card, references, image_ids, out, summary, overrides))
     else:
         summary.update(_evaluate_retrieval(card, references, image_ids, out, layout, overrides))
-    (out / "metrics.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(str(out / "metrics.json"), summary)
     return summary
 
 

@@ -166,6 +166,9 @@ class PairScorer:
         return start, np.concatenate(out).astype(np.float32)
 
 
+ACTOR_RESTARTS = 3
+
+
 def score_pairs(
     model_dir: str,
     gallery: Gallery,
@@ -178,8 +181,13 @@ def score_pairs(
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
     config_overrides: dict[str, Any] | None = None,
+    scorer_cls: type = PairScorer,
 ) -> np.ndarray:
     """Score every pair of ``pairs`` with ``num_actors`` Ray actors; returns (num_pairs,) float32 (Ray must be up).
+
+    An actor that dies (a preempted node, an OOM kill) is restarted and its chunk retried (``score`` is a pure
+    function of its range, so a retry cannot change a score), up to ACTOR_RESTARTS times per actor.
+    ``scorer_cls``: PairScorer or a subclass (tests inject failures).
 
     Raises ValueError when chunk_size is not a multiple of batch_size (that would make scores depend on chunking)
     or there are no pairs.
@@ -192,7 +200,10 @@ def score_pairs(
     total = pairs.num_pairs
     if total == 0:
         raise ValueError("no pairs to score (empty gallery)")
-    actor_cls = ray.remote(PairScorer).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
+    actor_cls = ray.remote(scorer_cls).options(
+        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+    )
     gallery_ref = ray.put(gallery)
     actors = [
         actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, att_mask_type, num_gpus_per_actor > 0,

@@ -171,6 +171,9 @@ class ExtractCard(Card):
     max_error_fraction: float = Field(0.05, ge=0, le=1, description="exit non-zero above this failed fraction")
     chunk_size: int = Field(2000, ge=1, description="inputs per written chunk: the unit of resume after a crash")
     job_id: str | None = Field(None, description="written to errors/; default: a fresh id per run")
+    retry_failed: Literal["transient", "all", "none"] = Field(
+        "transient", description="inputs in errors/ a re-run tries again: read failures (transient), all, or none"
+    )
 
 
 class ExportOscarCard(Card):

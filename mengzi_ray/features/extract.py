@@ -5,7 +5,9 @@ per row) → detector actors (`ActorPoolStrategy(min_size, max_size)`, `num_cpus
 card; a detector failure on a batch is retried image by image, so only the failing image is lost) → materialize →
 `features/` (FEATURES_SCHEMA) and `errors/` (ERRORS_SCHEMA). Every input of a chunk lands in exactly one of them,
 and the job checks that count before writing. A chunk is the unit of resume: re-running the same card skips every
-image_id already present in features/ or errors/, so nothing is recomputed or duplicated.
+image_id already present in features/ or errors/ (except the errors `retry_failed` names: by default read failures,
+which a re-run tries again), so nothing is recomputed or duplicated. Chunks are written under _staging/ and moved into
+place file by file; a torn file found in features/ or errors/ is moved to quarantine/ and its images redone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from mengzi_ray import storage
 from mengzi_ray.config import JobFailed
@@ -63,7 +66,7 @@ def read_and_decode(batch: pa.Table, max_pixels: int, exif_orientation: bool = T
     for row in batch.to_pylist():
         out = {**row, "width": 0, "height": 0, "pixels": b"", "stage": "", "error": ""}
         try:
-            data = read_uri(row["source"])
+            data = read_uri(row["source"], attempts=READ_ATTEMPTS)
         except Exception as exc:  # one unreadable object must not fail the block
             rows.append({**out, "stage": "read", "error": _message(exc)})
             continue
@@ -136,17 +139,85 @@ class DetectorActor:
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
 
-def existing_ids(output: str) -> set[str]:
-    """image_ids already in <output>/features and <output>/errors (empty when the dataset does not exist yet)."""
+TRANSIENT_STAGES = frozenset({"read"})  # storage/read failures; decode and detect failures repeat on a re-run
+READ_ATTEMPTS = 3
+
+
+def _parts(fs: pafs.FileSystem, directory: str) -> list[str]:
+    if fs.get_file_info(directory).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+
+
+def scan_output(output: str, quarantine: bool = True) -> tuple[set[str], dict[str, str], list[str]]:
+    """(image_ids in features/, {image_id: stage} of errors/, torn files) of a dataset (empty when it does not
+    exist yet). A file whose Parquet footer or image_id column does not read (a write torn by a crash of an older
+    version, or a copy cut short) is reported and, with `quarantine`, moved to <output>/quarantine/, so neither
+    this job nor training or evaluation trips over it; its images are then extracted again."""
     fs, root = storage.filesystem_for(output)
-    ids: set[str] = set()
+    root = root.rstrip("/")
+    done: set[str] = set()
+    failed: dict[str, str] = {}
+    torn: list[str] = []
     for part in ("features", "errors"):
-        path = f"{root.rstrip('/')}/{part}"
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
+        for path in _parts(fs, f"{root}/{part}"):
+            try:
+                with fs.open_input_file(path) as f:
+                    table = pq.read_table(f, columns=["image_id"] if part == "features" else ["image_id", "stage"])
+            except (pa.ArrowException, OSError) as exc:
+                torn.append(path)
+                log.warning("%s: unreadable Parquet part (%s)%s", path, str(exc)[:200],
+                            ", moved to quarantine/" if quarantine else "")
+                if quarantine:
+                    storage.publish_file(fs, path, f"{root}/quarantine/{path[len(root) + 1:]}")
+                continue
+            if part == "features":
+                done.update(table.column("image_id").to_pylist())
+            else:
+                failed.update(zip(table.column("image_id").to_pylist(), table.column("stage").to_pylist()))
+    return done, failed, torn
+
+
+def existing_ids(output: str) -> set[str]:
+    """image_ids already in <output>/features and <output>/errors (torn files skipped and reported, see
+    scan_output; empty when the dataset does not exist yet)."""
+    done, failed, _ = scan_output(output, quarantine=False)
+    return done | set(failed)
+
+
+def _to_retry(failed: dict[str, str], mode: str) -> set[str]:
+    if mode == "all":
+        return set(failed)
+    if mode == "transient":
+        return {image_id for image_id, stage in failed.items() if stage in TRANSIENT_STAGES}
+    return set()
+
+
+def drop_error_rows(output: str, image_ids: set[str]) -> None:
+    """Remove the rows of `image_ids` from errors/ before they are tried again: each part that holds one is
+    rewritten under a staging name and moved over the original, so an id is never in errors/ and features/ at
+    once, and one that a crash leaves in neither is simply extracted on the next run."""
+    if not image_ids:
+        return
+    fs, root = storage.filesystem_for(output)
+    root = root.rstrip("/")
+    wanted = pa.array(sorted(image_ids), pa.string())
+    for path in _parts(fs, f"{root}/errors"):
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        hit = pc.is_in(table.column("image_id"), value_set=wanted)
+        if not pc.any(hit).as_py():
             continue
-        table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id"])
-        ids.update(table.column("image_id").to_pylist())
-    return ids
+        kept = table.filter(pc.invert(hit))
+        if len(kept) == 0:
+            fs.delete_file(path)
+            continue
+        staged = f"{root}/_staging/rewrite-{uuid.uuid4().hex}.parquet"
+        fs.create_dir(staged.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(staged) as out:
+            pq.write_table(kept, out)
+        storage.publish_file(fs, staged, path)
 
 
 def _features_only(batch: pa.Table) -> pa.Table:
@@ -156,11 +227,15 @@ def _features_only(batch: pa.Table) -> pa.Table:
 def _errors_only(batch: pa.Table, job_id: str) -> pa.Table:
     failed = batch.filter(pc.not_equal(batch["stage"], ""))
     table = failed.select(["source", "image_id", "stage", "error"])
-    return table.append_column("job_id", pa.array([job_id] * len(table), pa.string())).cast(ERRORS_SCHEMA)
+    table = table.append_column("job_id", pa.array([job_id] * len(table), pa.string()))
+    transient = pc.is_in(table.column("stage"), value_set=pa.array(sorted(TRANSIENT_STAGES), pa.string()))
+    return table.append_column("transient", transient).cast(ERRORS_SCHEMA)
 
 
 def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_cls: type = DetectorActor) -> dict:
-    """Extract one chunk of inputs and append its rows to features/ and errors/. Returns {done, failed: {stage: n}}.
+    """Extract one chunk of inputs and add its rows to features/ and errors/: Ray Data writes them under
+    <output>/_staging/<job>-<uuid>/, and only then is each finished file moved into place (storage.publish_file),
+    so a crash mid-write leaves no torn file where readers look. Returns {done, failed: {stage: n}}.
 
     actor_cls: the detector stage's callable class (tests pass a subclass that injects failures).
     """
@@ -191,19 +266,25 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
         if stage:
             counts[stage] = counts.get(stage, 0) + 1
     done = len(rows) - sum(counts.values())
+    staging = f"{root}/_staging/{job_id}-{uuid.uuid4().hex[:8]}"
     if done:
-        results.map_batches(_features_only, batch_format="pyarrow").write_parquet(f"{root}/features", filesystem=fs)
+        results.map_batches(_features_only, batch_format="pyarrow").write_parquet(f"{staging}/features", filesystem=fs)
     if done < len(rows):
         results.map_batches(_errors_only, fn_kwargs={"job_id": job_id}, batch_format="pyarrow").write_parquet(
-            f"{root}/errors", filesystem=fs
+            f"{staging}/errors", filesystem=fs
         )
+    for part in ("features", "errors"):
+        for path in _parts(fs, f"{staging}/{part}"):
+            storage.publish_file(fs, path, f"{root}/{part}/{path.rsplit('/', 1)[-1]}")
+    fs.delete_dir(staging)
     return {"done": done, "failed": counts}
 
 
 def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str, Any]:
     """The extract job (see module docstring). Returns and writes <output>/summary.json:
     {job_id, inputs, skipped, processed, done, failed: {read, decode, detect}, failed_total, seconds,
-    images_per_s, output}. Raises JobFailed (after writing) when failed_total / processed > max_error_fraction."""
+    images_per_s, retried (error rows tried again per card.retry_failed), quarantined (torn files moved aside),
+    output}; summary.json is written last, atomically. Raises JobFailed (after writing) when failed_total / processed > max_error_fraction."""
     from mengzi_ray.ray_runtime import ensure_ray
 
     # an imported detector dir's settings (decode's EXIF handling included) apply from here on, read once
@@ -211,7 +292,14 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
     ensure_ray(card.ray)
     job_id = card.job_id or f"extract-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     inputs = list_inputs(card.input)
-    present = existing_ids(card.output)
+    fs, root = storage.filesystem_for(card.output)
+    staging = f"{root.rstrip('/')}/_staging"
+    if fs.get_file_info(staging).type == pafs.FileType.Directory:
+        fs.delete_dir(staging)  # an earlier run's unpublished chunk: redone below
+    done_ids, failed_ids, torn = scan_output(card.output)
+    retry = _to_retry(failed_ids, card.retry_failed)
+    drop_error_rows(card.output, retry)
+    present = done_ids | (set(failed_ids) - retry)
     todo = [r for r in inputs if r["image_id"] not in present]
     start = time.perf_counter()
     done, failed = 0, {s: 0 for s in STAGES}
@@ -222,6 +310,8 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
             failed[stage] = failed.get(stage, 0) + n
         log.info("extract %s: %d/%d inputs processed", job_id, first + len(todo[first : first + card.chunk_size]),
                  len(todo))
+    if fs.get_file_info(staging).type == pafs.FileType.Directory:
+        fs.delete_dir(staging)
     seconds = time.perf_counter() - start
     failed_total = sum(failed.values())
     summary = {
@@ -234,12 +324,11 @@ def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str,
         "failed_total": failed_total,
         "seconds": round(seconds, 3),
         "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0,
+        "retried": len(retry),
+        "quarantined": torn,
         "output": card.output,
     }
-    fs, root = storage.filesystem_for(card.output)
-    fs.create_dir(root.rstrip("/"), recursive=True)
-    with fs.open_output_stream(f"{root.rstrip('/')}/summary.json") as f:
-        f.write(json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
+    storage.write_json(f"{card.output.rstrip('/')}/summary.json", summary)
     if todo and failed_total / len(todo) > card.max_error_fraction:
         raise JobFailed(
             f"extract {job_id}: {failed_total} of {len(todo)} inputs failed ({failed}), above max_error_fraction="

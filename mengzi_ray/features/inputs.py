@@ -9,7 +9,9 @@ the driver before any work starts, so problems found here are ConfigErrors.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -28,15 +30,34 @@ def uri_location(uri: str) -> tuple[pafs.FileSystem, str]:
     return storage.filesystem_for(uri)
 
 
-def read_uri(uri: str) -> bytes:
-    """All bytes of the file at `uri` (raises FileNotFoundError / OSError as the filesystem does)."""
+def read_uri(uri: str, attempts: int = 1, backoff_s: float = 0.5) -> bytes:
+    """All bytes of the file at `uri`. With attempts > 1 an OSError other than not-found / no-permission (a
+    timeout, throttling, a reset connection) is retried after backoff_s, 2·backoff_s, …; the last error is raised."""
     fs, path = uri_location(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    for attempt in range(1, attempts + 1):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError:
+            if attempt == attempts:
+                raise
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 def _source_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else Path(path).as_uri()
+
+
+def _tree_paths(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Every non-directory entry under root. Locally through os.walk, because pyarrow's listing drops entries it
+    cannot stat (a dangling symlink): those stay inputs, so their read fails visibly in errors/ instead of the
+    image silently missing from the dataset."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return [os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True) for name in names]
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
 
 
 def _list_tree(uri: str, extensions: list[str]) -> list[dict[str, Any]]:
@@ -45,13 +66,13 @@ def _list_tree(uri: str, extensions: list[str]) -> list[dict[str, Any]]:
         raise ConfigError(f"input.uri {uri}: not a directory / prefix (or a .jsonl manifest)")
     wanted = {e.lower().lstrip(".") for e in extensions}
     rows = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if info.type != pafs.FileType.File or info.extension.lower() not in wanted:
+    for path in _tree_paths(fs, root):
+        if posixpath.splitext(path)[1].lower().lstrip(".") not in wanted:
             continue
-        relative = posixpath.relpath(info.path, root.rstrip("/"))
+        relative = posixpath.relpath(path, root.rstrip("/"))
         rows.append(
             {
-                "source": _source_uri(fs, info.path),
+                "source": _source_uri(fs, path),
                 "image_id": posixpath.splitext(relative)[0],
                 "boxes_json": "",
                 "labels_json": "",

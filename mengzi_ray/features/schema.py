@@ -42,6 +42,7 @@ ERRORS_SCHEMA = pa.schema(
         ("stage", pa.string()),  # read | decode | detect | write
         ("error", pa.string()),
         ("job_id", pa.string()),
+        ("transient", pa.bool_()),  # a read/storage failure a re-run retries (card retry_failed: transient)
     ]
 )
 

@@ -124,14 +124,22 @@ class OscarPreTrainedModel(nn.Module):
     ) -> M:
         """Load a model dir (local or s3://): ours, an original Oscar/Mengzi-Oscar one, or, with `from_bert`, a
         BERT MLM dir (Mengzi-BERT-base) whose weights initialise `bert.*` (image projection, pooler and heads
-        the BERT file lacks start fresh). Returns the model in eval mode with `load_report` set."""
+        the BERT file lacks start fresh). A safetensors dir we wrote (not a `from_bert` or Hugging Face dir) must
+        carry a `_COMPLETE` marker that agrees with its files (ValueError naming the dir otherwise: its export did
+        not finish). Returns the model in eval mode with `load_report` set."""
         model_dir = storage.download_dir(str(path))
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{path}: model dir does not exist")
+        if (model_dir / storage.COMPLETE_MARKER).is_file():
+            storage.check_complete(model_dir)
+        config = OscarConfig.load(model_dir, **config_overrides)
+        # Original Oscar (pytorch_model.bin), BERT and Hugging Face dirs come without a marker; ours always have one.
+        foreign = from_bert or "transformers_version" in config.extra
+        if (model_dir / SAFETENSORS_NAME).is_file() and not foreign:
+            storage.check_complete(model_dir)
         vocab = model_dir / VOCAB_NAME
         if not vocab.is_file():
             raise FileNotFoundError(f"{vocab}: a model dir needs vocab.txt (the token ids the weights use)")
-        config = OscarConfig.load(model_dir, **config_overrides)
         num_tokens = sum(1 for _ in vocab.open(encoding="utf-8"))
         if num_tokens > config.vocab_size:
             raise ValueError(f"{vocab}: {num_tokens} tokens but config vocab_size is {config.vocab_size}")
@@ -183,9 +191,11 @@ class OscarPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, vocab_file: str | Path | None = None) -> Path:
-        """Write config.json + model.safetensors + vocab.txt (from `vocab_file` or the dir we were loaded from)."""
+        """Write config.json + model.safetensors + vocab.txt (from `vocab_file` or the dir we were loaded from), then
+        the `_COMPLETE` marker (storage.mark_complete) that from_pretrained requires of a safetensors dir."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        (out / storage.COMPLETE_MARKER).unlink(missing_ok=True)
         self.config.save(out)
         # safetensors refuses shared storage; tied weights are written twice, as the original does.
         state = {k: v.detach().contiguous().clone().cpu() for k, v in self.state_dict().items()}
@@ -195,6 +205,7 @@ class OscarPreTrainedModel(nn.Module):
             raise FileNotFoundError(f"save_pretrained({out}): no vocab.txt to write (pass vocab_file)")
         if source.resolve() != (out / VOCAB_NAME).resolve():
             shutil.copyfile(source, out / VOCAB_NAME)
+        storage.mark_complete(out)
         return out
 
 

@@ -4,13 +4,16 @@ Retriever by handle.
 Routes: `GET /` (demo page), `GET /healthz`, `GET /v1/models`, `POST /v1/caption`, `POST /v1/search/images`,
 `POST /v1/search/captions`, `GET /v1/gallery/images/{image_id}`; OpenAPI at `/openapi.json`, docs at `/docs`.
 Image routes take JSON (base64 image, or precomputed regions) or a multipart upload (field `image`). Every
-refusal is a 4xx JSON error (errors.py); a model call whose replica died is retried once on another replica.
+refusal is a 4xx JSON error (errors.py), every server fault a 5xx JSON error; a model call whose replica died is
+retried once on another replica, and each model call has a server-side timeout (limits.call_timeout_s).
 """
 
 
+import asyncio
 import base64
 import binascii
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +44,8 @@ from mengzi_ray.serving.schemas import (
 from mengzi_ray.serving.settings import LimitsSection
 
 BodyT = TypeVar("BodyT", bound=Body)
+PRIVATE_INFO = frozenset({"model_dir", "gallery"})  # storage URIs in the deployments' info()
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(
     title="mengzi_ray serving",
@@ -134,22 +139,36 @@ class Api:
         retriever: DeploymentHandle,
         limits: LimitsSection,
         default_num_beams: int,
-        auth_token_env: str | None,
+        auth_token_env: str,
         commit: str | None,
+        allow_anonymous: bool = False,
         exif_orientation: bool = True,
     ):
         self.detector, self.captioner, self.retriever = detector, captioner, retriever
         self.exif_orientation = exif_orientation
         self.limits, self.default_num_beams, self.commit = limits, default_num_beams, commit
-        self.auth = BearerAuth(auth_token_env)
+        self.auth = BearerAuth(auth_token_env, allow_anonymous)  # raises (the replica does not start) without a token
         _body_limit["bytes"] = limits.max_body_bytes
 
     async def _call(self, method: Any, *args: Any) -> Any:
-        """One model call; a replica that died mid-call (killed, OOM) is retried once on a live replica."""
+        """One model call under the server's own limit (limits.call_timeout_s; Ray's proxy lets a client lift the
+        HTTP timeout with `x-request-timeout-seconds`, this limit it cannot). A replica that died mid-call (killed,
+        OOM) is retried once on a live replica. Anything that is not the client's fault is a 503 JSON error."""
+        name = getattr(getattr(method, "handle_options", None), "method_name", None) or "model call"
         try:
-            result = await method.remote(*args)
-        except RayActorError:
-            result = await method.remote(*args)
+            async with asyncio.timeout(self.limits.call_timeout_s):
+                try:
+                    result = await method.remote(*args)
+                except RayActorError:
+                    result = await method.remote(*args)
+        except TimeoutError:
+            raise ApiError(503, "model_timeout", f"{name} did not answer within limits.call_timeout_s="
+                           f"{self.limits.call_timeout_s}") from None
+        except ApiError:
+            raise
+        except Exception as exc:  # replica died twice, backpressure, a deployment error: a server fault
+            log.warning("%s failed: %s", name, type(exc).__name__)
+            raise ApiError(503, "model_unavailable", f"{name} failed ({type(exc).__name__}); try again") from None
         if isinstance(result, ApiError):
             raise result
         return result
@@ -206,15 +225,22 @@ class Api:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
+        """What is served. Storage URIs (model dirs, gallery) and the commit only to an authenticated caller: an
+        anonymous demo does not reveal where the models live."""
         self.auth.check(request)
-        return {
-            "captioner": await self.captioner.info.remote(),
-            "retriever": await self.retriever.info.remote(),
-            "detector": await self.detector.info.remote(),
+        info = {
+            "captioner": await self._call(self.captioner.info),
+            "retriever": await self._call(self.retriever.info),
+            "detector": await self._call(self.detector.info),
             "limits": self.limits.model_dump(),
             "default_num_beams": self.default_num_beams,
             "commit": self.commit,
         }
+        if not self.auth.enabled:
+            info["commit"] = None
+            for part in ("captioner", "retriever", "detector"):
+                info[part] = {k: v for k, v in info[part].items() if k not in PRIVATE_INFO}
+        return info
 
     @app.post("/v1/caption", openapi_extra=request_body(CaptionRequest))
     async def caption(self, request: Request) -> dict[str, Any]:
@@ -269,8 +295,8 @@ class Api:
     @app.get("/v1/gallery/images/{image_id:path}")
     async def gallery_image(self, image_id: str, request: Request) -> Response:
         self.auth.check(request)
-        data = await self.retriever.image_bytes.remote(image_id)
+        data = await self._call(self.retriever.image_bytes, image_id)
         if data is None:
-            raise ApiError(404, "unknown_image", f"no local gallery image {image_id!r}", "image_id")
+            raise ApiError(404, "unknown_image", f"no gallery image {image_id!r} under gallery.images_root", "image_id")
         kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg" if data.startswith(b"\xff\xd8") else "application/octet-stream"
         return Response(data, media_type=kind)

@@ -46,6 +46,7 @@ def compose_app(config: ServeAppConfig, *, ingress_runtime_env: dict[str, Any] |
         config.default_num_beams,
         config.auth_token_env,
         source_commit(),
+        config.allow_anonymous,
         # uploads are decoded the way the detector's weights expect (an imported VinVL dir: no EXIF rotation)
         resolve_detector(config.detector.model).exif_orientation,
     )

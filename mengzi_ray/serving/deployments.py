@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 from ray import serve
@@ -32,6 +33,7 @@ from mengzi_ray.serving.settings import (
 )
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 
 class BatchStats:
@@ -51,9 +53,38 @@ class BatchStats:
         }
 
 
+class ModelWatch:
+    """Runs model work in a worker thread and remembers when each running call started, so the replica's health
+    check fails once a call has run past `stall_timeout_s` (a wedged model thread), and Serve replaces the replica."""
+
+    def __init__(self, stall_timeout_s: float) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self.started: dict[int, float] = {}
+        self._next = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        self._next += 1
+        key = self._next
+        self.started[key] = time.monotonic()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            del self.started[key]
+
+    def check(self, what: str) -> None:
+        if self.started:
+            running = time.monotonic() - min(self.started.values())
+            if running > self.stall_timeout_s:
+                raise RuntimeError(f"{what}: a model call has not answered for {running:.0f} s (stall_timeout_s)")
+
+
 def configure_batching(method: Any, section: BatchedReplicaSection) -> None:
     method.set_max_batch_size(section.max_batch_size)
     method.set_batch_wait_timeout_s(section.batch_wait_timeout_s)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def check_regions(regions: RegionSet, feature_dim: int) -> ApiError | None:
@@ -90,6 +121,7 @@ class Detector:
         self.section = section
         self.detector = build_detector(section.model)
         self.stats = BatchStats()
+        self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.detect, section)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -103,7 +135,7 @@ class Detector:
             ready = [(image, boxes) for image, boxes in items if boxes is not None]
         else:
             missing, ready = None, items
-        found = await asyncio.to_thread(self._detect_each_on_failure, ready) if ready else []
+        found = await self.watch.run(self._detect_each_on_failure, ready) if ready else []
         results: list[DetectedImage | ApiError] = []
         it = iter(found)
         for image, boxes in items:
@@ -129,21 +161,26 @@ class Detector:
         degenerate size or bad given boxes) gets its own 422 and the rest of the batch still succeeds."""
         try:
             return self.detector.detect([i for i, _ in items], [b for _, b in items])
-        except Exception:
+        except Exception as exc:
             if len(items) == 1:
-                return [self._refusal(items[0])]
+                return [self._refusal(items[0], exc)]
         out: list[Any] = []
         for item in items:
             try:
                 out.extend(self.detector.detect([item[0]], [item[1]]))
-            except Exception:
-                out.append(self._refusal(item))
+            except Exception as exc:
+                out.append(self._refusal(item, exc))
         return out
 
     @staticmethod
-    def _refusal(item: tuple[np.ndarray, np.ndarray | None]) -> ApiError:
-        log.exception("detector failed on a %s image", "x".join(map(str, item[0].shape)))
-        return ApiError(422, "detect_failed", f"the detector cannot process this image (shape {item[0].shape})", "image")
+    def _refusal(item: tuple[np.ndarray, np.ndarray | None], exc: Exception) -> ApiError:
+        """A ValueError is the input's fault (422); anything else (CUDA OOM, a broken model) is the server's (503)."""
+        log.error("detector failed on a %s image: %s", "x".join(map(str, item[0].shape)), _short(exc))
+        if isinstance(exc, ValueError):
+            return ApiError(422, "detect_failed", f"the detector cannot process this image (shape {item[0].shape}): "
+                            f"{_short(exc)}", "image")
+        return ApiError(503, "detector_unavailable", f"the detector failed on this request ({type(exc).__name__}); "
+                        "try again")
 
     def info(self) -> dict[str, Any]:
         return {"name": self.detector.name, "backend": self.section.model.backend, **self.stats.as_dict()}
@@ -151,6 +188,7 @@ class Detector:
     def check_health(self) -> None:
         if self.detector is None:
             raise RuntimeError("detector not loaded")
+        self.watch.check("detector")
 
 
 @serve.deployment(name="Captioner")
@@ -158,6 +196,7 @@ class Captioner:
     def __init__(self, section: CaptionerSection):
         self.engine = CaptionEngine(section.model_dir, max_gen_length=section.max_gen_length, length_penalty=section.length_penalty)
         self.stats = BatchStats()
+        self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.caption, section)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -165,7 +204,7 @@ class Captioner:
         self.stats.record(len(jobs), "caption")
         errors = [check_regions(job.regions, self.engine.feature_dim) for job in jobs]
         good = [job for job, err in zip(jobs, errors) if err is None]
-        done = iter(await asyncio.to_thread(self.engine.caption, good) if good else [])
+        done = iter(await self.watch.run(self.engine.caption, good) if good else [])
         return [err if err is not None else next(done) for err in errors]
 
     def info(self) -> dict[str, Any]:
@@ -184,6 +223,7 @@ class Captioner:
     def check_health(self) -> None:
         if self.engine.model is None:
             raise RuntimeError("caption model not loaded")
+        self.watch.check("captioner")
 
 
 @serve.deployment(name="Retriever")
@@ -198,6 +238,7 @@ class Retriever:
         self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.model.config.tag_map),
                                       section.candidates)
         self.stats = BatchStats()
+        self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.search, section)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -219,7 +260,7 @@ class Retriever:
             else:
                 errors.append(None)
         good = [q for q, err in zip(queries, errors) if err is None]
-        done = iter(await asyncio.to_thread(self.engine.search, good) if good else [])
+        done = iter(await self.watch.run(self.engine.search, good) if good else [])
         return [err if err is not None else self._rows(query, next(done)) for query, err in zip(queries, errors)]
 
     def _rows(self, query: SearchQuery, hits: list[Hit]) -> list[dict[str, Any]]:
@@ -230,8 +271,7 @@ class Retriever:
         return [{"caption": gallery.captions[h.index], "image_id": gallery.caption_image_ids[h.index], "score": h.score} for h in hits]
 
     def image_bytes(self, image_id: str) -> bytes | None:
-        path = self.engine.gallery.local_image(image_id)
-        return path.read_bytes() if path is not None else None
+        return self.engine.gallery.image_bytes(image_id, self.gallery_section.images_root)
 
     def info(self) -> dict[str, Any]:
         gallery = self.engine.gallery
@@ -249,3 +289,4 @@ class Retriever:
     def check_health(self) -> None:
         if not len(self.engine.gallery):
             raise RuntimeError("empty gallery")
+        self.watch.check("retriever")

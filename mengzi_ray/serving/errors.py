@@ -1,4 +1,4 @@
-"""Request errors of the HTTP API: one JSON shape for every 4xx, the body-size guard and bearer-token auth.
+"""Request errors of the HTTP API: one JSON shape for every error, the body-size guard and bearer-token auth.
 
 Every error body is `{"error": {"code": str, "message": str, "field": str | null}}`. Deployments return an
 `ApiError` instance in place of a result for a bad item of a batch (an exception raised inside `@serve.batch`
@@ -8,6 +8,7 @@ would fail the whole batch), and the ingress raises it.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+log = logging.getLogger("ray.serve")
 
 
 class ApiError(Exception):
@@ -54,6 +58,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, "http_error", str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _server_fault(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in a route")
+        return ApiError(500, "internal_error", f"the server failed on this request ({type(exc).__name__})").response()
 
 
 class BodyLimitMiddleware:
@@ -105,10 +114,16 @@ class BodyLimitMiddleware:
 
 
 class BearerAuth:
-    """Optional bearer-token check; the token comes from an env var of the ingress process (never logged)."""
+    """The bearer-token check of every /v1/* route; the token comes from an env var of the ingress process (never
+    logged). Fails closed: with the env var empty, construction raises unless `allow_anonymous` is set."""
 
-    def __init__(self, env_var: str | None):
-        self.token = os.environ.get(env_var, "") if env_var else ""
+    def __init__(self, env_var: str, allow_anonymous: bool = False):
+        self.token = os.environ.get(env_var, "")
+        if not self.token and not allow_anonymous:
+            raise RuntimeError(
+                f"env var {env_var} is empty: set it to the bearer token on every node that runs the ingress (the "
+                "K8s/AWS manifests read it from a secret), or set allow_anonymous: true for a local demo on 127.0.0.1"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -5,9 +5,9 @@ Loaded by the `Retriever` deployment at start-up and when `user_config.gallery` 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,8 +18,12 @@ from mengzi_ray.data.records import read_text_rows
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
-from mengzi_ray.storage import filesystem_for, is_remote
+from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text.tags import region_tags
+
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
 
 @dataclass
 class Gallery:
@@ -39,28 +43,35 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def local_image(self, image_id: str) -> Path | None:
-        """The gallery image's file when its source is a local file that exists (the demo page shows it)."""
+    def image_bytes(self, image_id: str, images_root: str | None) -> bytes | None:
+        """The gallery image's bytes (the demo page shows them), or None. Only a local file (file:// URI, percent-
+        decoded, or an absolute path) that resolves, symlinks followed, to a file under `images_root` and starts with
+        a PNG or JPEG signature is served: a dataset's `source` column is third-party data (import-oscar copies it
+        from predictions.tsv), so it must never name an arbitrary file of the replica."""
         index = self.index_of.get(image_id)
-        if index is None:
+        if index is None or images_root is None:
             return None
         source = self.sources[index]
-        path = Path(source.removeprefix("file://")) if source.startswith(("file://", "/")) else None
-        return path if path is not None and path.is_file() else None
+        if source.startswith("file://"):
+            location = unquote(urlparse(source).path)
+        elif source.startswith("/"):
+            location = source
+        else:
+            return None
+        root = Path(images_root).resolve()
+        path = Path(location).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+        return data if len(data) <= MAX_IMAGE_BYTES and data.startswith(IMAGE_SIGNATURES) else None
 
 
 def read_caption_rows(uri: str, split: str | None) -> tuple[list[str], list[str]]:
     """(captions, their image_ids) of a text jsonl (local or s3://), of one split or all."""
-    if is_remote(uri):
-        fs, path = filesystem_for(uri)
-        with tempfile.TemporaryDirectory() as tmp, fs.open_input_stream(path) as stream:
-            local = Path(tmp) / "text.jsonl"
-            local.write_bytes(stream.read())
-            rows = read_text_rows(local)
-    else:
-        rows = read_text_rows(uri)
+    rows = read_text_rows(uri)
     chosen = [r for r in rows if r["kind"] == "caption" and (split is None or r["split"] == split)]
-    return [str(r["text"]) for r in chosen], [str(r["image_id"]) for r in chosen]
+    return [str(r["text"]) for r in chosen], [r["image_id"] for r in chosen]
 
 
 def load_gallery(section: GallerySection, tag_map: str | None = None) -> Gallery:

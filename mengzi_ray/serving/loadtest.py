@@ -86,6 +86,8 @@ class LoadRun:
                         outcome = f"HTTP {response.status_code}"
                 except httpx.HTTPError as exc:
                     outcome = type(exc).__name__
+                except ValueError:  # a 200 whose body is not JSON: counted, never a dead worker thread
+                    outcome = "bad JSON"
                 elapsed = time.perf_counter() - start
                 with self._lock:
                     self.done += 1

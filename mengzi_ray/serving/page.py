@@ -51,11 +51,13 @@ function headers(extra) {
 async function call(path, options) {
   $("error").textContent = "";
   const response = await fetch(path, options);
-  const body = await response.json();
+  const isJson = (response.headers.get("content-type") || "").includes("application/json");
+  const body = isJson ? await response.json() : { error: { message: await response.text() } };
   if (!response.ok) {
     const e = body.error || {};
     throw new Error(response.status + " " + (e.code || "") + ": " + (e.message || response.statusText));
   }
+  if (!isJson) throw new Error(response.status + ": the server did not answer JSON");
   return body;
 }
 function drawBoxes(file, result) {

@@ -26,6 +26,9 @@ class ReplicaSection(Section):
     target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target per replica")
     max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once (queue beyond)")
     health_check_period_s: float = Field(10.0, gt=0)
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="health check fails when a model call has run longer than this (a wedged replica)"
+    )
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "ReplicaSection":
@@ -77,6 +80,10 @@ class GallerySection(Section):
     texts: str | None = Field(None, description="text jsonl (image_id, text, kind, split): the caption gallery")
     split: str | None = Field(None, description="with texts: only the images and captions of this split (None: all)")
     max_images: int | None = Field(None, ge=1, description="use the first N images (None: all)")
+    images_root: str | None = Field(
+        None,
+        description="local dir the gallery route may serve image files from (PNG/JPEG only); None: it serves none",
+    )
 
 
 class RetrieverSection(BatchedReplicaSection):
@@ -102,6 +109,9 @@ class LimitsSection(Section):
     max_k: int = Field(50, ge=1, description="largest top-k of a search")
     max_beams: int = Field(5, ge=1, description="largest num_beams of a caption request")
     max_regions: int = Field(100, ge=1, description="precomputed regions per caption request")
+    call_timeout_s: float = Field(
+        55.0, gt=0, description="server-side limit of each model call; client headers cannot lift it (503 beyond)"
+    )
 
 
 class ServeAppConfig(Section):
@@ -112,8 +122,13 @@ class ServeAppConfig(Section):
     detector: DetectorDeploymentSection
     ingress: ReplicaSection = Field(default_factory=ReplicaSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
-    auth_token_env: str | None = Field(
-        "MENGZI_SERVE_TOKEN", description="env var holding the bearer token; unset or empty: no auth"
+    auth_token_env: str = Field(
+        "MENGZI_SERVE_TOKEN", min_length=1, description="env var holding the bearer token every /v1/* route requires"
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="serve without a token when the env var is empty (local demo on 127.0.0.1 only); otherwise an "
+        "empty token refuses to start",
     )
     default_num_beams: int = Field(3, ge=1)
 

@@ -90,11 +90,29 @@ class ValidationSection(Section):
     batch_size: int = Field(32, ge=1)
 
 
+def metric_mode(metric: str) -> Literal["min", "max"]:
+    """Losses are minimised; accuracies, recalls and CIDEr maximised."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 class CheckpointSection(Section):
     every_steps: int | None = Field(None, ge=1, description="full-state checkpoint cadence; None = every validation")
     num_to_keep: int = Field(2, ge=1, description="K best by `metric` (the latest is always kept too)")
     metric: str = Field(..., description="reported metric to rank checkpoints by, e.g. val_cider")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = Field(
+        None, description="None: from the metric (min for *loss, else max); a mode contradicting it is an error"
+    )
+
+    @model_validator(mode="after")
+    def _mode_fits_metric(self) -> "CheckpointSection":
+        derived = metric_mode(self.metric)
+        if self.mode is not None and self.mode != derived:
+            raise ValueError(
+                f"checkpoint.mode {self.mode!r} contradicts checkpoint.metric {self.metric!r} ({derived} is better): "
+                "it would keep the worst checkpoints"
+            )
+        self.__dict__["mode"] = derived  # not `self.mode =`: assignment validation would re-enter this validator
+        return self
 
 
 class FaultDrillSection(Section):

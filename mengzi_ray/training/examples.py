@@ -17,31 +17,28 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
-from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.data.records import ImageRecord, read_text_rows
 from mengzi_ray.text import tag_string
 
 FEATURE_COLUMNS = ["image_id", "features", "tags"]
 
 
 def read_text_table(uri: str, split: str, kind: str) -> pa.Table:
-    """Text rows of one split and kind (`all`: every kind) as an Arrow table (image_id, text[, text_b]), in file
-    order; text_b is kept when the rows have it (an imported Oscar+ corpus)."""
-    fs, path = storage.filesystem_for(uri)
-    with fs.open_input_stream(path) as f:
-        table = pajson.read_json(f)
-    missing = {"image_id", "text", "kind", "split"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"{uri}: text rows lack columns {sorted(missing)}")
-    mask = pc.equal(table["split"], split)
-    if kind != "all":
-        mask = pc.and_(mask, pc.equal(table["kind"], kind))
-    columns = ["image_id", "text"] + (["text_b"] if "text_b" in table.column_names else [])
-    return table.filter(mask).select(columns)
+    """Text rows of one split and kind (`all`: every kind) as an Arrow table (image_id string, text[, text_b]), in
+    file order, read by data.records.read_text_rows (Arrow's JSON reader would type integer image_ids as int64,
+    which then match no feature row); text_b is kept when the rows have it (an imported Oscar+ corpus)."""
+    chosen = [r for r in read_text_rows(uri) if r["split"] == split and (kind == "all" or r["kind"] == kind)]
+    columns = {
+        "image_id": pa.array([r["image_id"] for r in chosen], pa.string()),
+        "text": pa.array([str(r["text"]) for r in chosen], pa.string()),
+    }
+    if any("text_b" in r for r in chosen):
+        columns["text_b"] = pa.array([r.get("text_b") for r in chosen], pa.string())
+    return pa.table(columns)
 
 
 def feature_dim(uri: str) -> int:

@@ -66,7 +66,7 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
     if card.model.from_bert:
         return card.model.from_bert, True
     init_uri = f"{run_dir}/init"
-    fs, path = storage.filesystem_for(f"{init_uri}/model.safetensors")
+    fs, path = storage.filesystem_for(f"{init_uri}/{storage.COMPLETE_MARKER}")
     if fs.get_file_info(path).type.name != "NotFound":
         return init_uri, False
     import pyarrow.parquet as pq
@@ -89,7 +89,7 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
         )
         torch.manual_seed(tiny.seed)
         task.model_class(config).save_pretrained(local, vocab_file=local / "vocab.txt")
-        storage.upload_dir(local, init_uri)
+        storage.publish_dir(local, init_uri)
     return init_uri, False
 
 
@@ -117,7 +117,9 @@ def build_trainer(
     train_texts = read_text_table(card.data.text, card.data.train_split, card.data.kind)
     val_texts = read_text_table(card.data.text, card.data.val_split, card.data.kind)
     datasets = {
-        "train": joined_dataset(card.data.features, train_texts, per_image=task_cls.per_image_train).randomize_block_order(),
+        "train": joined_dataset(card.data.features, train_texts, per_image=task_cls.per_image_train).randomize_block_order(
+            seed=card.optim.seed
+        ),
         "val": joined_dataset(card.data.features, val_texts, per_image=True, limit=card.data.max_val_images),
     }
     fs_root = storage_root if storage.is_remote(storage_root) else str(Path(storage_root).resolve())
@@ -139,8 +141,18 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
+
+
+def _ordered_ingest() -> Any:
+    """Ray Train's ingest options with the output order kept: with the seeded block order and local shuffle, an
+    epoch's batches then come in the same order when a resumed run replays it (training/loop.py micro_batches)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict[str, Any]:
@@ -175,9 +187,10 @@ def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict
             "best_checkpoint": best_info,
             "outputs": [f"{run_dir}/{p.name}" for p in written],
         }
-        (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # the model first, summary.json last: a summary that exists always names a whole model
+        storage.publish_dir(model_dir, summary["model_dir"])
         storage.upload_dir(report_dir, run_dir)
-        storage.upload_dir(model_dir, summary["model_dir"])
+        storage.write_json(f"{run_dir}/summary.json", summary)
     log.info("run %s: %s", card.run.name, summary["final_metrics"])
     return summary
 

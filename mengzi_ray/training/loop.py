@@ -7,14 +7,16 @@ Every `validation.every_steps` steps (and at the end) rank 0 validates and every
 
     config.json, model.safetensors, vocab.txt   a model dir: `from_pretrained` loads a checkpoint directly
     train_state.pt                              optimizer, scheduler, step, data position (epoch, batches into it),
-                                                RNG (torch + numpy of rank 0), task state (drop-worst counter)
+                                                task state (drop-worst counter)
     history.json                                every metrics dict reported so far (the driver writes the metrics
                                                 file and plots from the final checkpoint's copy)
 
+    rng_rank<r>.pt                              each rank's RNG streams (torch CPU, CUDA, numpy)
+
 Restore (`ray.train.get_checkpoint()`, after a worker failure or when a run of the same name is re-submitted)
-loads all of it; rank 0 continues its RNG streams, other ranks re-seed from (seed, rank, step). The data position
-is honoured by skipping that many batches of the resumed epoch, which is a fresh shuffle, so the epoch still
-delivers its number of batches.
+loads all of it; every rank continues its own RNG streams. The data position is honoured by skipping that many raw
+batches of the resumed epoch, whose shuffle is seeded by (seed, epoch, rank) (see `micro_batches` for what that
+makes exact).
 """
 
 from __future__ import annotations
@@ -58,12 +60,23 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local-shuffle seed of one epoch on one rank: a resumed epoch replays the same order."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def micro_batches(
-    shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache_rng: np.random.Generator | None = None
+    shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache_rng: np.random.Generator | None = None,
+    *, seed: int = 0, rank: int = 0,
 ) -> Iterator[list[ImageRecord]]:
     """Endless micro-batches of joined rows, epoch after epoch; `position` is updated as batches are taken, and
-    a non-zero `position.batches` at the start skips that many batches of the resumed epoch. ValueError when an
-    epoch holds no full micro-batch (the shard is smaller than batch_size), which would otherwise loop forever.
+    a non-zero `position.batches` at the start skips that many raw batches of the resumed epoch (not converted).
+    The local shuffle is seeded by (seed, epoch, rank) and the train dataset's block order by the seed
+    (jobs.build_trainer, which also keeps Ray Data's output order), so the skipped batches are the ones the
+    interrupted run consumed: exact for one worker; with several, Ray Data's streaming split hands blocks to
+    workers as they ask, so a resumed epoch keeps its length but not its per-worker assignment.
+    ValueError when an epoch holds no full micro-batch (the shard is smaller than batch_size), which would
+    otherwise loop forever.
 
     With `cache_rng` (data.cache_in_workers) the first epoch streams from the shard and keeps its rows; later
     epochs re-shuffle those rows with `cache_rng` instead of re-running the Ray Data pipeline (small datasets,
@@ -73,15 +86,22 @@ def micro_batches(
     while True:
         if cache:
             order = cache_rng.permutation(len(cache))
-            epoch = ([cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size))
+            epoch: Iterator[Any] = (
+                [cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)
+            )
         else:
-            epoch = (to_records(b) for b in shard.iter_batches(
-                batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer
-            ))
+            epoch = shard.iter_batches(
+                batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer,
+                local_shuffle_seed=shuffle_seed(seed, position.epoch, rank) if shuffle_buffer else None,
+            )
         filling = cache_rng is not None and not cache
         taken = 0
-        for rows in epoch:
+        for raw in epoch:
             taken += 1
+            if skip and not filling:
+                skip -= 1
+                continue
+            rows = raw if isinstance(raw, list) else to_records(raw)
             if filling:
                 cache.extend(rows)
             if skip:
@@ -129,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batches = micro_batches(
         train_shard, card.batch.per_worker_batch_size, card.data.shuffle_buffer, state.position,
-        rng if card.data.cache_in_workers else None,
+        rng if card.data.cache_in_workers else None, seed=card.optim.seed, rank=rank,
     )
     pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
     use_amp = card.optim.amp and device.type == "cuda"
@@ -171,22 +191,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         save = state.step % card.checkpoint_every == 0 or state.step == card.schedule.max_steps
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
-            if save and rank == 0:
-                _save(Path(d), core, optimizer, scheduler, task, rng, state)
+            if save:  # every rank adds its RNG file; Ray Train uploads the ranks' files into one checkpoint dir
+                if rank == 0:
+                    _save(Path(d), core, optimizer, scheduler, task, rng, state)
+                _save_rng(Path(d), rank, rng)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 
 
 def _average_gradients(core: torch.nn.Module, world: int) -> None:
-    """All-reduce (mean) every gradient across the workers: what DDP does, for tasks it cannot wrap."""
+    """All-reduce (mean) every gradient across the workers, as DDP does, for tasks it cannot wrap: one collective
+    over all gradients flattened into one buffer, not one per parameter."""
     import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    for param in core.parameters():
-        if param.requires_grad:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= world
+    params = [p for p in core.parameters() if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
 
 
 def _save(d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, state: LoopState) -> None:
@@ -207,6 +235,18 @@ def _save(d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: n
     (d / HISTORY_FILE).write_text(json.dumps(state.history, indent=1))
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def _save_rng(d: Path, rank: int, rng: np.random.Generator) -> None:
+    """This rank's RNG streams: torch CPU, CUDA (every device of the process) and the loop's numpy generator."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": json.dumps(rng.bit_generator.state)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, d / _rng_file(rank))
+
+
 def _restore(
     d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, rank: int, seed: int
 ) -> LoopState:
@@ -217,7 +257,14 @@ def _restore(
     scheduler.load_state_dict(saved["scheduler"])
     task.load_state(core, saved["task"])
     step = int(saved["step"])
-    if rank == 0:
+    own = d / _rng_file(rank)
+    if own.is_file():
+        streams = torch.load(own, map_location="cpu", weights_only=True)
+        torch.set_rng_state(streams["torch"])
+        rng.bit_generator.state = json.loads(streams["numpy"])
+        if "cuda" in streams and torch.cuda.is_available() and len(streams["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(streams["cuda"])
+    elif rank == 0:  # a checkpoint of an earlier version: rank 0's streams only
         torch.set_rng_state(saved["torch_rng"])
         rng.bit_generator.state = saved["numpy_rng"]
     else:

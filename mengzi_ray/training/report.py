@@ -12,12 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from mengzi_ray.training.card import TrainCard  # noqa: E402
+from mengzi_ray.training.card import TrainCard
 
 
 def write_metrics(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -33,7 +30,10 @@ def write_metrics(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for name, keys, ylabel in (("loss.png", losses, "loss"), ("validation.png", others, "metric")):
         if not keys:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        # A bare Figure draws with Agg on savefig and leaves pyplot's global backend alone (a notebook importing
+        # this module keeps its own).
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         for key in keys:
             ax.plot(steps, [row.get(key, float("nan")) for row in history], marker="o", label=key)
         ax.set_xlabel("optimizer step")
@@ -42,7 +42,6 @@ def write_metrics(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / name)
-        plt.close(fig)
         written.append(out_dir / name)
     return written
 

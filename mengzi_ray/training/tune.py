@@ -39,7 +39,8 @@ from mengzi_ray.config import (
     load_card,
     validate_card,
 )
-from mengzi_ray.storage import download_dir, filesystem_for, is_remote, upload_dir
+from mengzi_ray.storage import download_dir, filesystem_for, is_remote, publish_dir, write_json
+from mengzi_ray.training.card import metric_mode
 from mengzi_ray.training.tune_results import (
     TrialRecord,
     best_row,
@@ -62,11 +63,6 @@ SWEPT_FIELDS: dict[str, tuple[str, str]] = {
     "global_batch_size": ("batch", "global_batch_size"),
 }
 """Trial config key → (section, field) of the training card it sets."""
-
-
-def metric_mode(metric: str) -> Literal["min", "max"]:
-    """Losses are minimised; accuracies, recalls and CIDEr maximised."""
-    return "min" if metric.endswith("loss") else "max"
 
 
 class TrainingRef(Section):
@@ -290,17 +286,20 @@ def _sweep_record(card: TuneCard, training: Card) -> dict[str, Any]:
     return {"tune": card.model_dump(mode="json", exclude={"ray"}), "training": training.model_dump(mode="json")}
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> Any | None:
+def _read_record(fs: pafs.FileSystem, path: str) -> Any | None:
+    """The sweep record at `path`, or None when it is absent or torn (an older, non-atomic write that crashed;
+    reported in the log, and the caller writes it anew)."""
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode("utf-8"))
+        text = stream.read().decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        log.warning("%s is torn (%s): writing it anew from the current cards", path, exc)
+        return None
 
 
-def _write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 def _param_space(search: SearchSection) -> dict[str, Any]:
@@ -335,7 +334,10 @@ def _tuner(card: TuneCard, training: Card) -> tuple[Any, bool]:
     record_path = f"{experiment}/sweep_card.json"
     trainable = _trainable(card, training)
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        if _read_json(fs, record_path) != _sweep_record(card, training):
+        record = _read_record(fs, record_path)
+        if record is None:
+            write_json(sweep_uri(card, "sweep_card.json"), _sweep_record(card, training))
+        elif record != _sweep_record(card, training):
             raise ConfigError(
                 f"{sweep_uri(card)}: a sweep named {card.run.name!r} with a different tune or training card exists; "
                 "resume it with the same cards or choose a new run.name"
@@ -343,7 +345,7 @@ def _tuner(card: TuneCard, training: Card) -> tuple[Any, bool]:
         log.info("resuming the sweep at %s", sweep_uri(card))
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs), True
-    _write_json(fs, record_path, _sweep_record(card, training))
+    write_json(sweep_uri(card, "sweep_card.json"), _sweep_record(card, training))
     scheduler = ASHAScheduler(
         time_attr="step",
         max_t=training.schedule.max_steps,
@@ -417,7 +419,7 @@ def export_model(checkpoint_uri: str, destination: str, training: Card, run_name
         best = {"path": checkpoint_uri, "metric": metric}
         card_json = training_card(training, run_name, history, best)
         (model_dir / "training_card.json").write_text(json.dumps(card_json, indent=2, ensure_ascii=False))
-        return upload_dir(model_dir, destination)
+        return publish_dir(model_dir, destination)
 
 
 def _params(row: Any) -> dict[str, Any]:
@@ -463,7 +465,7 @@ def run_tune(card: TuneCard) -> dict[str, Any]:
     }
     best = best_row(table, metric)
     if best is None or not best["checkpoint"]:
-        _write_json(*filesystem_for(sweep_uri(card, "summary.json")), summary)
+        write_json(sweep_uri(card, "summary.json"), summary)
         raise JobFailed(f"{sweep_uri(card)}: no trial saved a checkpoint with {metric}; see results.csv")
     best_trial = trial_card(card.training.task, training.model_dump(mode="json"), _params(best))
     best_model = export_model(best["checkpoint"], sweep_uri(card, "best_model"), best_trial, best["run"], metric)
@@ -476,5 +478,5 @@ def run_tune(card: TuneCard) -> dict[str, Any]:
         "checkpoint": best["checkpoint"],
         "model": best_model,
     }
-    _write_json(*filesystem_for(sweep_uri(card, "summary.json")), summary)
+    write_json(sweep_uri(card, "summary.json"), summary)
     return summary

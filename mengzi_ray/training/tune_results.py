@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mengzi_ray.storage import filesystem_for
+from mengzi_ray.storage import write_bytes
 
 PARAM_COLUMNS = ("learning_rate", "warmup_steps", "global_batch_size")
 
@@ -84,20 +84,13 @@ def best_row(table: pd.DataFrame, metric: str) -> pd.Series | None:
     return table.iloc[0]
 
 
-def _write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem_for(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(data)
-
-
 def write_table(table: pd.DataFrame, uri_prefix: str) -> list[str]:
     """Write `<uri_prefix>.csv` and `<uri_prefix>.parquet` (local or s3://); returns the two URIs."""
     csv_uri, parquet_uri = f"{uri_prefix}.csv", f"{uri_prefix}.parquet"
-    _write_bytes(csv_uri, table.to_csv(index=False).encode("utf-8"))
+    write_bytes(csv_uri, table.to_csv(index=False).encode("utf-8"))
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), buffer)
-    _write_bytes(parquet_uri, buffer.getvalue())
+    write_bytes(parquet_uri, buffer.getvalue())
     return [csv_uri, parquet_uri]
 
 
@@ -131,7 +124,7 @@ def plot_sweep(records: Sequence[TrialRecord], table: pd.DataFrame, metric: str,
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    _write_bytes(uri, buffer.getvalue())
+    write_bytes(uri, buffer.getvalue())
     return uri
 
 

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
+from mengzi_ray import storage
 from mengzi_ray.config import load_card
 from mengzi_ray.datasets import write_synthetic_dataset
 from mengzi_ray.features import extract
@@ -155,11 +156,52 @@ def test_every_input_lands_once_and_rerun_recomputes_nothing(ray_local, bucket, 
     assert set(errors.job_id) == {"job-1"}
     assert json.loads((out / "summary.json").read_text()) == summary
 
-    monkeypatch.undo()
+    assert errors.set_index("image_id").transient.to_dict() == {i: s == "read" for i, s in EXPECTED_ERRORS.items()}
+
+    monkeypatch.undo()  # the vanished file is back: its transient read error is tried again (retry_failed: transient)
     again = extract.run_extract(tiny_card(str(images), str(out), job_id="job-2"))
-    assert (again["skipped"], again["processed"], again["done"], again["failed_total"]) == (total, 0, 0, 0)
+    assert (again["skipped"], again["processed"], again["done"], again["failed_total"]) == (total - 1, 1, 1, 0)
+    assert again["retried"] == 1
     features2, errors2 = read_outputs(out)
-    assert len(features2) == len(features) and len(errors2) == len(errors)
+    assert len(features2) == len(features) + 1 and len(errors2) == len(errors) - 1
+    assert "bad/vanishes" in set(features2.image_id) and "bad/vanishes" not in set(errors2.image_id)
+    third = extract.run_extract(tiny_card(str(images), str(out), job_id="job-3"))
+    assert (third["skipped"], third["processed"], third["retried"]) == (total, 0, 0)
+    assert sorted(p.name for p in out.iterdir()) == ["errors", "features", "summary.json"]  # no staging left
+
+
+class Crash(BaseException):
+    """The driver dying between two file moves (a BaseException, so no handler on the way swallows it)."""
+
+
+def test_a_crash_while_publishing_a_chunk_loses_and_duplicates_nothing(ray_local, bucket, tmp_path, monkeypatch) -> None:
+    images, sizes = bucket
+    out = tmp_path / "out"
+    real = storage.publish_file
+    moved: list[str] = []
+
+    def crash_on_second_file(fs, source, target):
+        if moved:
+            Path(source).write_bytes(Path(source).read_bytes()[:64])  # a staged file torn as by a kill mid-write
+            raise Crash(target)
+        real(fs, source, target)
+        moved.append(target)
+
+    monkeypatch.setattr(storage, "publish_file", crash_on_second_file)
+    with pytest.raises(Crash):
+        extract.run_extract(tiny_card(str(images), str(out), job_id="job-crash", chunk_size=16))
+    monkeypatch.undo()
+    assert len(moved) == 1 and any((out / "_staging").rglob("*.parquet"))
+    first = pq.read_table(moved[0]).column("image_id").to_pylist()
+    torn = out / "features" / "torn-by-an-older-version.parquet"
+    torn.write_bytes(Path(moved[0]).read_bytes()[:100])
+    summary = extract.run_extract(tiny_card(str(images), str(out), job_id="job-resume", chunk_size=16))
+    assert summary["skipped"] == len(first) and summary["quarantined"] == [str(torn)]
+    features, errors = read_outputs(out)
+    ok = set(sizes) | {"bad/vanishes"}  # nothing vanishes in this run
+    assert features.image_id.is_unique and errors.image_id.is_unique and set(features.image_id) == ok
+    assert set(errors.image_id) == set(EXPECTED_ERRORS) - {"bad/vanishes"}
+    assert not (out / "_staging").exists() and (out / "quarantine" / "features" / torn.name).is_file()
 
 
 def test_actor_death_loses_and_duplicates_nothing(ray_local, bucket, tmp_path) -> None:

@@ -37,6 +37,8 @@ def test_worker_failure_restores_and_resubmit_resumes(ray_local, tmp_path: Path)
     state = torch.load(checkpoints[-1] / STATE_FILE, weights_only=True)
     assert state["step"] == 12
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {12}  # AdamW stepped exactly 12 times
+    assert {p.name for p in checkpoints[-1].glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}  # every rank's RNG
+    assert (run / "model" / "_COMPLETE").is_file() and json.loads((run / "summary.json").read_text())["steps"] == 12
 
     again = load_card(CaptionCard, JOBS / "caption_tiny.yaml", base + ["schedule.max_steps=16"])
     summary = run_training(again, controller_failure_limit=1)

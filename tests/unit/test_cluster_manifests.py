@@ -102,9 +102,10 @@ def test_training_cards_fit_the_gpu_group(card_name):
     assert card.scaling.cpus_per_worker <= float(limits["cpu"])
 
 
-# The only values the RayService may set differently from serve/config.yaml: where things are stored and how far
-# they scale. Everything else (limits, batching, routes, auth) must be the same config.
-CLUSTER_VALUES = {"model_dir", "features", "texts", "num_gpus", "max_replicas"}
+# The only values the RayService may set differently from serve/config.yaml: where things are stored, how far they
+# scale and how they are reached (the local demo binds 127.0.0.1 and may be anonymous; a cluster binds 0.0.0.0 and
+# requires the token). Everything else (limits, batching, routes, the token's env var) must be the same config.
+CLUSTER_VALUES = {"model_dir", "features", "texts", "images_root", "num_gpus", "max_replicas", "host", "allow_anonymous"}
 
 
 def without_cluster_values(node: object) -> object:
@@ -132,6 +133,16 @@ def test_rayservice_embeds_serve_config_with_cluster_storage_and_the_vinvl_detec
     uris = [args["captioner"]["model_dir"], args["retriever"]["model_dir"], *args["retriever"]["gallery"].values()]
     assert all(u.startswith("s3://") for u in uris if isinstance(u, str) and "/" in u), uris
     assert service["spec"]["rayClusterConfig"] == raycluster()["spec"]
+
+
+def test_serve_cluster_config_is_the_local_one_bound_to_all_interfaces_with_the_token_required():
+    from mengzi_ray.serving.settings import ServeAppConfig
+
+    local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    cluster = yaml.safe_load((ROOT / "serve" / "cluster.yaml").read_text())
+    assert without_cluster_values(cluster) == without_cluster_values(local)
+    assert cluster["http_options"]["host"] == "0.0.0.0" and "allow_anonymous" not in cluster["applications"][0]["args"]
+    assert not ServeAppConfig.model_validate(cluster["applications"][0]["args"]).allow_anonymous
 
 
 def test_runtime_env_parses_and_excludes_outputs():

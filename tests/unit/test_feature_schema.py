@@ -26,7 +26,7 @@ DESIGN_FEATURES = {
     "attribute_scores": "list<element: list<element: float>>",
 }
 DESIGN_ERRORS = {"source": "string", "image_id": "string", "stage": "string", "error": "string",
-                 "job_id": "string"}
+                 "job_id": "string", "transient": "bool"}
 
 
 def test_parquet_files_match_the_design_without_ray(tmp_path: Path) -> None:

@@ -100,8 +100,9 @@ def test_gallery_loading_and_caption_rows(tiny, tmp_path):
     ds, _, _, gallery = tiny
     assert len(gallery) == 6 and len(gallery.captions) == 18  # the val images and their captions
     assert set(gallery.caption_image_ids) <= set(gallery.image_ids)
-    assert gallery.local_image(gallery.image_ids[0]).suffix == ".png"
-    assert gallery.local_image("../../etc/passwd") is None
+    assert gallery.image_bytes(gallery.image_ids[0], str(ds.images_dir)).startswith(b"\x89PNG")
+    assert gallery.image_bytes(gallery.image_ids[0], None) is None  # no images_root: the route serves nothing
+    assert gallery.image_bytes("../../etc/passwd", "/") is None
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image_id": "a", "text": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl line 1"):

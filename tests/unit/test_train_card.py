@@ -63,6 +63,29 @@ def test_checkpoint_metric_must_be_reported(tmp_path: Path, data: Path) -> None:
         card(tmp_path, data, "checkpoint.metric=val_rsum")
 
 
+def test_checkpoint_mode_follows_the_metric_and_a_contradiction_is_refused(tmp_path: Path, data: Path) -> None:
+    assert card(tmp_path, data, "checkpoint.mode=null").checkpoint.mode == "max"  # val_cider: higher is better
+    loss = card(tmp_path, data, "checkpoint.metric=val_loss", "checkpoint.mode=null")
+    assert loss.checkpoint.mode == "min"
+    with pytest.raises(ConfigError, match=r"checkpoint.mode 'max' contradicts checkpoint.metric 'val_loss'.*worst"):
+        card(tmp_path, data, "checkpoint.metric=val_loss")  # the card says mode: max
+
+
+def test_duplicate_keys_credentials_and_endless_retries_are_card_errors(tmp_path: Path, data: Path) -> None:
+    text = (JOBS / "caption_tiny.yaml").read_text(encoding="utf-8")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "\noptim:\n  learning_rate: 0.5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: .*duplicate key 'optim'"):
+        load_card(CaptionCard, twice)
+    secret = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/features"
+    with pytest.raises(ConfigError, match=r"data.features: a URI with credentials in it") as refused:
+        card(tmp_path, data, f"data.features={secret}")
+    assert "wJalrXUtnFEMI" not in str(refused.value)  # the message never repeats the secret
+    with pytest.raises(ConfigError, match=r"max_failures: -1 retries forever"):
+        card(tmp_path, data, "run.max_failures=-1")
+    assert card(tmp_path, data, "run.max_failures=-1", "run.allow_infinite_retries=true").run.max_failures == -1
+
+
 def test_missing_dataset_fails_before_workers(tmp_path: Path, data: Path) -> None:
     bad = card(tmp_path, data, f"data.features={tmp_path}/nowhere")
     with pytest.raises(ConfigError, match=r"data\.features: .*nowhere does not exist"):

@@ -30,7 +30,7 @@ class Detectron2Detector:
         from detectron2.modeling import build_model
 
         cfg = get_cfg()
-        cfg.merge_from_file(section.detectron2_config)
+        cfg.merge_from_file(section.detectron2_config, allow_unsafe=False)  # never yaml.unsafe_load a config
         cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         cfg.INPUT.MIN_SIZE_TEST = section.test_min_size
         cfg.INPUT.MAX_SIZE_TEST = section.test_max_size
