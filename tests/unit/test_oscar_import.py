@@ -288,3 +288,17 @@ def test_tsv_label_files_in_any_order_and_duplicate_keys(tmp_path: Path) -> None
     assert result["failed_by_reason"] == {"duplicate_id": 1} and result["written"] == {"features": 3}
     for im in images:
         assert_image(features(tmp_path / "o")[str(im.key)], im)
+
+
+def test_a_re_import_replaces_the_previous_outputs_whole(tmp_path: Path) -> None:
+    images = make_images(4, int_keys=False)
+    preds, hw = write_sgb_predictions(tmp_path / "sgb", images)
+    out = tmp_path / "out"
+    run_import(card(format="sgb_predictions", predictions=str(preds), hw=str(hw), output=str(out)))
+    (out / "text.jsonl").write_text('{"stale": true}\n')  # left by an earlier import of another format
+    (out / "features" / "part-00099.parquet").write_bytes(b"a torn part of an earlier run")
+    fewer, hw2 = write_sgb_predictions(tmp_path / "sgb2", images[:2])
+    run_import(card(format="sgb_predictions", predictions=str(fewer), hw=str(hw2), output=str(out)))
+    assert sorted(features(out)) == sorted(str(im.key) for im in images[:2])  # nothing of the first import left
+    assert not (out / "text.jsonl").exists() and not (out / "_import_staging").exists()
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["part-00000.parquet"]

@@ -128,6 +128,11 @@ class TextWriter:
         self.stream.close()
 
 
+STAGING = "_import_staging"
+# what an import may write besides its logs: cleared before the new outputs are published
+OUTPUT_NAMES = ("features/", "text.jsonl")
+
+
 class ImportRun:
     """Outputs of one import under `card.output` (local or s3://), created lazily: a format that has no features
     writes no features/ dir, one without texts no text.jsonl."""
@@ -135,9 +140,14 @@ class ImportRun:
     def __init__(self, card: Any) -> None:
         self.card = card
         self.fs, root = storage.filesystem_for(card.output)
-        self.root = root.rstrip("/")
+        self.final = root.rstrip("/")
+        # outputs are written under a staging dir and replace the previous import's only in finish(), so a
+        # re-import never mixes with stale parts and a crashed one leaves the previous outputs whole
+        self.root = f"{self.final}/{STAGING}"
+        if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(self.root)
         self.fs.create_dir(self.root, recursive=True)
-        self.log = ImportLog(self.fs, self.root, card.format)
+        self.log = ImportLog(self.fs, self.final, card.format)
         self.tags = TagVocabulary.named(card.tags)
         self.image_ids = KeySet()
         self._features: FeatureWriter | None = None
@@ -182,11 +192,26 @@ class ImportRun:
                 f.write((line + "\n").encode("utf-8"))
         self.files.append(name)
 
+    def _publish(self) -> None:
+        """Replace the previous import's outputs with the staged ones, file by file (S3 has no dir rename)."""
+        for name in sorted(set(OUTPUT_NAMES) | set(self.files)):
+            target = f"{self.final}/{name.rstrip('/')}"
+            kind = self.fs.get_file_info(target).type
+            if kind == pafs.FileType.Directory:
+                self.fs.delete_dir(target)
+            elif kind == pafs.FileType.File:
+                self.fs.delete_file(target)
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+            if info.type == pafs.FileType.File:
+                storage.publish_file(self.fs, info.path, f"{self.final}/{info.path[len(self.root) + 1:]}")
+        self.fs.delete_dir(self.root)
+
     def finish(self, **extra: Any) -> dict[str, Any]:
         if self._features is not None:
             self._features.close()
         if self._text is not None:
             self._text.close()
         self.image_ids.close()
+        self._publish()
         return self.log.finish(self.card.max_error_fraction,
                                {"output": self.card.output, "tags": self.card.tags, "files": self.files, **extra})
