@@ -45,6 +45,10 @@ def tiny_card_data(synthetic: Path, storage: Path, name: str) -> dict:
     data["training"]["card"] = str(REPO / data["training"]["card"])
     data["training"]["overrides"] += [f"data.features={synthetic}/features", f"data.text={synthetic}/text.jsonl"]
     data["run"].update(name=name, storage_path=str(storage))
+    # One trial at a time: ASHA compares a trial with those that reached a rung before it, and two trials
+    # reporting in the same second (or a restored sweep, whose rungs start empty) left every trial running in one
+    # CI run; in sequence, seed 0's later, smaller learning rates meet the earlier results at each rung.
+    data["resources"]["max_concurrent_trials"] = 1
     return data
 
 
