@@ -45,11 +45,10 @@ class GivenBoxesDetector:
         self.section = section
         self.c4 = None
         if section.given_boxes_featurizer == "torchvision_c4":
-            from mengzi_ray.features.detectors.detector_dir import resolve_detector
             from mengzi_ray.features.detectors.torchvision_c4 import load_c4
 
             self.c4 = load_c4(section)
-            self.section = resolve_detector(section)
+            self.section = self.c4.section
             self.name = f"given_boxes:{self.c4.digest}"
         else:
             self.name = PIXEL_DETECTOR_NAME
@@ -78,7 +77,7 @@ class GivenBoxesDetector:
         foreground class; attributes are conditioned on it."""
         import torch
 
-        from mengzi_ray.features.detectors.torchvision_c4 import pad_batch, preprocess, to_original
+        from mengzi_ray.features.detectors.torchvision_c4 import pad_batch, preprocess, rescale_boxes
 
         model = self.c4.model
         device = model.cls_score.weight.device
@@ -86,7 +85,7 @@ class GivenBoxesDetector:
         sizes = [(int(t.shape[1]), int(t.shape[2])) for t in inputs]
         with torch.no_grad():
             c4 = model.trunk(pad_batch(inputs).to(device))
-            resized = [to_original(torch.from_numpy(b).float(), img.shape[:2], size).to(device)
+            resized = [rescale_boxes(torch.from_numpy(b).float(), img.shape[:2], size).to(device)
                        for b, img, size in zip(given, images, sizes)]
             pooled = model.pooled_features(c4, resized)
             probs, _ = model.classify(pooled)

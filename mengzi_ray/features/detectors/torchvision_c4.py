@@ -35,12 +35,14 @@ NO_ATTRIBUTE = ""
 
 @dataclass
 class LoadedC4:
-    """A C4 network in eval mode with its class names (index 0 = background), attribute names and digest."""
+    """A C4 network in eval mode with its class names (index 0 = background), attribute names, digest and the
+    section it was built from, with any model_dir applied (detector_dir.resolve_detector)."""
 
     model: C4FasterRCNN
     labels: list[str]
     attributes: list[str] | None
     digest: str
+    section: DetectorSection
 
 
 def _names(uri: str | None, key: str, expected: int | None, default: list[str] | None) -> list[str]:
@@ -93,7 +95,7 @@ def load_c4(section: DetectorSection) -> LoadedC4:
             torch.nn.init.zeros_(layer.bias)
         hasher.update(f"random-seed-{section.seed}".encode())
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return LoadedC4(model.eval(), ["__background__", *labels], attributes, hasher.hexdigest()[:12])
+    return LoadedC4(model.eval(), ["__background__", *labels], attributes, hasher.hexdigest()[:12], section)
 
 
 def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -134,9 +136,10 @@ def pad_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return batch
 
 
-def to_original(boxes: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
-    """BoxList.resize from the resized (h, w) back to the original (h, w), as convert_predictions_to_tsv does."""
-    ratio_w, ratio_h = float(original[1]) / float(resized[1]), float(original[0]) / float(resized[0])
+def rescale_boxes(boxes: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """Boxes from an image of (h, w) `source` to one of `target`, as BoxList.resize does (one ratio when both axes
+    agree): detections back to original pixels for convert_predictions_to_tsv, given boxes into the resized image."""
+    ratio_w, ratio_h = float(target[1]) / float(source[1]), float(target[0]) / float(source[0])
     if ratio_w == ratio_h:
         return boxes * ratio_w
     return torch.stack([boxes[:, 0] * ratio_w, boxes[:, 1] * ratio_h, boxes[:, 2] * ratio_w, boxes[:, 3] * ratio_h],
@@ -146,14 +149,14 @@ def to_original(boxes: torch.Tensor, resized: tuple[int, int], original: tuple[i
 class TorchvisionC4Detector:
     """The default detector: see the module docstring. Construct with from_config(section)."""
 
-    def __init__(self, loaded: LoadedC4, section: DetectorSection) -> None:
+    def __init__(self, loaded: LoadedC4) -> None:
         self.c4 = loaded
-        self.section = resolve_detector(section)
+        self.section = loaded.section
         self.name = f"torchvision_c4:{loaded.digest}"
 
     @classmethod
     def from_config(cls, section: DetectorSection) -> "TorchvisionC4Detector":
-        return cls(load_c4(section), section)
+        return cls(load_c4(section))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         device = self.c4.model.cls_score.weight.device.type
@@ -229,7 +232,7 @@ class TorchvisionC4Detector:
                 names, attr_scores = attributes[i]
                 top = [n[0] if n else NO_ATTRIBUTE for n in names]
             out.append(Detections(
-                boxes=to_original(det_boxes, sizes[i], img.shape[:2]).cpu().numpy(),
+                boxes=rescale_boxes(det_boxes, sizes[i], img.shape[:2]).cpu().numpy(),
                 scores=scores.cpu().numpy(),
                 labels=[self.c4.labels[c] for c in cls.tolist()],
                 attributes=top,
