@@ -1,11 +1,11 @@
-"""A deterministic synthetic Chinese image-caption set: coloured shapes on a light background (DESIGN.md §6).
+"""A deterministic synthetic Chinese image-caption set: coloured shapes on a light background (docs/data-contracts.md §5).
 
 Each scene holds 1–3 non-overlapping objects, each a distinct (colour, shape) pair. Multi-object scenes lay their
 objects out in a row or a column so that 左边/右边/上面/下面 are unambiguous, and every caption is a function of
 colours, shapes and positions — a captioner has to read the regions to beat the caption prior, and a retriever
 has to tell scenes apart by exactly those properties.
 
-On disk (`write_synthetic_dataset`), in the contracts of DESIGN.md §3:
+On disk (`write_synthetic_dataset`), in the contracts of docs/data-contracts.md:
   images/{train,val}/<NNNNNN>.png   the scenes; image_id = "train/000012" (path under images/, no extension)
   features/part-0.parquet           FEATURES_SCHEMA, one row per image, pixel features over the true boxes
   text.jsonl                        {"image_id", "text", "kind": "caption", "split"}, 3 captions per image

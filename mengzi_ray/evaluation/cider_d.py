@@ -1,4 +1,4 @@
-"""CIDEr-D, the SCST reward (Vedantam et al. 2015; oscar-formats §4.4).
+"""CIDEr-D, the SCST reward (Vedantam et al. 2015; docs/oscar-formats.md §4.4).
 
 Definition implemented here, per candidate ``c`` with references ``S`` (all texts already space-tokenised; n-grams
 are taken over ``text.split()``, so Chinese must arrive as space-separated characters or words):

@@ -1,4 +1,4 @@
-"""Reading a region-feature dataset (DESIGN.md §3, a Parquet file or dir, local or s3://) for evaluation.
+"""Reading a region-feature dataset (docs/data-contracts.md, a Parquet file or dir, local or s3://) for evaluation.
 
 The driver reads only the ``image_id`` column to plan (:func:`feature_ids`); small galleries (retrieval: ≤ 5k
 images) are loaded whole (:func:`load_regions`); caption inference streams the dataset through Ray Data

@@ -1,6 +1,6 @@
 """Retrieval evaluation at scale: every (image, caption) pair scored by the match classifier across Ray actors.
 
-The pair space follows Oscar's ``--cross_image_eval`` (oscar-formats §5): with N images and T = N·k texts, pair
+The pair space follows Oscar's ``--cross_image_eval`` (docs/oscar-formats.md §5): with N images and T = N·k texts, pair
 ``p`` is image ``p // T`` with text ``p % T``, so the flat score vector reshapes to (N, T). The re-rank mode scores
 listed (image, text) pairs instead (:class:`ListedPairs`).
 

@@ -1,4 +1,4 @@
-"""Retrieval ranks and Recall@K, exactly as Oscar's ``compute_ranks`` (oscar-formats §5).
+"""Retrieval ranks and Recall@K, exactly as Oscar's ``compute_ranks`` (docs/oscar-formats.md §5).
 
 Two evaluation modes:
 

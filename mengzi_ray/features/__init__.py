@@ -1,1 +1,1 @@
-"""Region features: the Arrow schema of DESIGN.md §3 and the Oscar 2054-d region vector."""
+"""Region features: the Arrow schema of docs/data-contracts.md and the Oscar 2054-d region vector."""

@@ -1,4 +1,4 @@
-"""The region-feature and error tables (DESIGN.md §3) and the Oscar 2054-d region vector.
+"""The region-feature and error tables (docs/data-contracts.md) and the Oscar 2054-d region vector.
 
 Every producer of region features (the synthetic set, the extraction job, the Oscar TSV import) builds its rows
 through :func:`feature_row` and writes them with :data:`FEATURES_SCHEMA`, so all feature datasets are readable by
@@ -50,7 +50,7 @@ ERRORS_SCHEMA = pa.schema(
 def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Oscar's 6 box numbers per region: [x1/W, y1/H, x2/W, y2/H, (x2-x1)/W, (y2-y1)/H].
 
-    boxes: (N, 4) x1,y1,x2,y2 in original-image pixels. Returns (N, 6) float32 (oscar-formats §1.3).
+    boxes: (N, 4) x1,y1,x2,y2 in original-image pixels. Returns (N, 6) float32 (docs/oscar-formats.md §1.3).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got width={width} height={height}")

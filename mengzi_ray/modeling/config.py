@@ -1,6 +1,6 @@
 """OscarConfig: BERT's configuration plus the image and task fields of the original Oscar config.json.
 
-The JSON layout is the original's (pytorch_transformers BertConfig + Oscar keys, oscar-formats §2.1), so a
+The JSON layout is the original's (pytorch_transformers BertConfig + Oscar keys, docs/oscar-formats.md §2.1), so a
 released Oscar / Mengzi-Oscar config.json loads unchanged and ours loads in the original code. Keys we do not
 model are kept in `extra` and written back, never dropped.
 """

@@ -74,7 +74,7 @@ class CaptionerSection(BatchedReplicaSection):
 
 
 class GallerySection(Section):
-    """The searchable gallery, built from a feature dataset (DESIGN §3) at start-up or on an admin reload."""
+    """The searchable gallery, built from a feature dataset (docs/data-contracts.md) at start-up or on an admin reload."""
 
     features: str = Field(..., description="features Parquet file or dir (one row per image)")
     texts: str | None = Field(None, description="text jsonl (image_id, text, kind, split): the caption gallery")

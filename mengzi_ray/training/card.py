@@ -18,7 +18,7 @@ from mengzi_ray.config import Card, RaySection, RunSection, ScalingSection, Sect
 class DataSection(Section):
     """Feature rows (Parquet dir or file, local or s3://) ⨝ text rows (jsonl: image_id, text, kind, split)."""
 
-    features: str = Field(..., description="region-feature Parquet dataset (DESIGN §3)")
+    features: str = Field(..., description="region-feature Parquet dataset (docs/data-contracts.md)")
     text: str = Field(..., description="text rows jsonl: image_id, text, kind, split")
     train_split: str = "train"
     val_split: str = "val"
@@ -175,7 +175,7 @@ class TrainCard(Card):
 
 
 class CaptionSection(Section):
-    """Captioning layout and loss (oscar-formats §3.1, §2.5, §7)."""
+    """Captioning layout and loss (docs/oscar-formats.md §3.1, §2.5, §7)."""
 
     max_seq_a_length: int = Field(40, ge=3)
     max_seq_length: int = Field(70, ge=3)
@@ -199,7 +199,7 @@ class CaptionSection(Section):
 
 
 class ScstSection(Section):
-    """Self-critical sequence training (oscar-formats §4.4): k sampled captions per image, greedy baseline."""
+    """Self-critical sequence training (docs/oscar-formats.md §4.4): k sampled captions per image, greedy baseline."""
 
     sample_n: int = Field(5, ge=1)
     baseline: Literal["greedy"] = "greedy"
@@ -216,7 +216,7 @@ class CaptionCard(TrainCard):
 
 
 class RetrievalSection(Section):
-    """Retrieval layout (oscar-formats §3.2, §5)."""
+    """Retrieval layout (docs/oscar-formats.md §3.2, §5)."""
 
     max_seq_length: int = Field(70, ge=3)
     max_img_seq_length: int = Field(50, ge=1)
@@ -235,7 +235,7 @@ class RetrievalCard(TrainCard):
 
 
 class PretrainSection(Section):
-    """Oscar+ pretraining layout (oscar-formats §2.6)."""
+    """Oscar+ pretraining layout (docs/oscar-formats.md §2.6)."""
 
     max_seq_length: int = Field(35, ge=4)
     max_img_seq_length: int = Field(50, ge=1)

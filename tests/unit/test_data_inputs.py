@@ -1,4 +1,4 @@
-"""Example builders against layouts computed by hand from oscar-formats §2.6 and §3."""
+"""Example builders against layouts computed by hand from docs/oscar-formats.md §2.6 and §3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The extract job's Parquet files read with plain pyarrow and pandas (no Ray) and match DESIGN.md §3."""
+"""The extract job's Parquet files read with plain pyarrow and pandas (no Ray) and match docs/data-contracts.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mengzi_ray.features.extract import DetectorActor, _errors_only, _features_o
 from mengzi_ray.features.inputs import list_inputs
 from tests.unit.test_detector import TINY
 
-# DESIGN.md §3, written out independently of features/schema.py.
+# docs/data-contracts.md, written out independently of features/schema.py.
 DESIGN_FEATURES = {
     "image_id": "string", "source": "string", "width": "int32", "height": "int32",
     "boxes": "list<element: fixed_size_list<element: float>[4]>",

@@ -1,5 +1,5 @@
 """Decoding: greedy and beam search checked against exhaustive enumeration on a tiny fixed model, and the
-key/value cache checked to give the same ids and scores as the uncached path (oscar-formats §4)."""
+key/value cache checked to give the same ids and scores as the uncached path (docs/oscar-formats.md §4)."""
 
 from __future__ import annotations
 

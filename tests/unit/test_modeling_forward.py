@@ -1,4 +1,4 @@
-"""OscarModel and heads against a reference written from the spec (oscar-formats §2.2–2.6) with plain torch ops."""
+"""OscarModel and heads against a reference written from the spec (docs/oscar-formats.md §2.2–2.6) with plain torch ops."""
 
 from __future__ import annotations
 

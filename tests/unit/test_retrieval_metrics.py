@@ -1,4 +1,4 @@
-"""Ranks and R@K on hand-made similarity grids (oscar-formats §5)."""
+"""Ranks and R@K on hand-made similarity grids (docs/oscar-formats.md §5)."""
 
 from __future__ import annotations
 
