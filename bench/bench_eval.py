@@ -22,7 +22,7 @@ import torch
 from common import git_commit, pick_device, print_table, write_results
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import generation_layout, predict_captions
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, score_pairs
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning, OscarForRetrieval

@@ -24,7 +24,7 @@ import torch
 from common import REPO_ROOT, git_commit, print_table, write_results
 
 from mengzi_ray.config import load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.features.card import DetectorSection, ExtractCard
 from mengzi_ray.features.decode import decode_image
 from mengzi_ray.features.detectors.base import build_detector

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import git_commit, print_table, write_results  # noqa: E402
 
-from mengzi_ray.datasets import write_synthetic_dataset  # noqa: E402
+from mengzi_ray.synthetic import write_synthetic_dataset  # noqa: E402
 from mengzi_ray.ray_runtime import start_local_ray  # noqa: E402
 from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402

@@ -21,7 +21,7 @@ from common import git_commit, print_table, write_results
 from mengzi_ray.config import load_card
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.caption_local import train_captioner

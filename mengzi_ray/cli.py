@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(config_reference.generate())
         return 0
-    from mengzi_ray.datasets import write_synthetic_dataset
+    from mengzi_ray.synthetic import write_synthetic_dataset
 
     ds = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
     print(f"wrote {ds.num_train} train + {ds.num_val} val images to {ds.root}")

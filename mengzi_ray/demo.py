@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from mengzi_ray.config import COMMANDS, load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.ray_runtime import ensure_ray
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 
 from cluster_harness import BIN, PROJECT_ROOT, RayHead, free_port
 

@@ -13,7 +13,7 @@ import torch
 from mengzi_ray.config import ConfigError, validate_card
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import generation_layout, predict_captions
 from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate

@@ -15,7 +15,7 @@ from mengzi_ray.cli import main as cli_main
 from mengzi_ray.config import ConfigError, validate_card
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer, negative_pair
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.modeling import OscarConfig, OscarForRetrieval

@@ -20,7 +20,7 @@ from skimage import data as skdata
 
 from mengzi_ray import storage
 from mengzi_ray.config import load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.features import extract
 from mengzi_ray.features.card import ExtractCard
 from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA, REGION_DIM

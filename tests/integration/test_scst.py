@@ -10,7 +10,7 @@ from pathlib import Path
 from mengzi_ray.config import load_card
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_metrics import tokenize_for_metrics
 from mengzi_ray.evaluation.cider_d import CiderD
 from mengzi_ray.modeling import OscarForCaptioning

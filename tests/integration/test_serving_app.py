@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.serving.loadtest import LoadRun
 from mengzi_ray.serving.settings import ServeAppConfig
 from mengzi_ray.serving.tiny import write_tiny_models

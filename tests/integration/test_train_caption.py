@@ -12,7 +12,7 @@ from pathlib import Path
 from mengzi_ray.config import load_card
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer

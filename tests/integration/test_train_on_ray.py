@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mengzi_ray.config import load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.modeling import OscarForPretraining, OscarForRetrieval
 from mengzi_ray.training.card import PretrainCard, RetrievalCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mengzi_ray.config import load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import run_training
 from mengzi_ray.training.loop import FAULT_MARKER, STATE_FILE

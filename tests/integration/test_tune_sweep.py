@@ -22,7 +22,7 @@ import yaml
 from mengzi_ray.config import ConfigError, validate_card
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import generation_layout
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from mengzi_ray.datasets import generate_scene
+from mengzi_ray.synthetic import generate_scene
 from mengzi_ray.features.card import DetectorSection
 from mengzi_ray.features.detectors.base import Detections, Detector, build_detector, detections_to_row
 from mengzi_ray.features.detectors.rcnn_ops import nms, select_best_class

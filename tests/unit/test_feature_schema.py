@@ -56,7 +56,7 @@ def test_parquet_files_match_the_design_without_ray(tmp_path: Path) -> None:
 
 
 def test_region_arrays_match_the_per_cell_reader_also_on_slices(tmp_path: Path) -> None:
-    from mengzi_ray.datasets import write_synthetic_dataset
+    from mengzi_ray.synthetic import write_synthetic_dataset
     from mengzi_ray.features.schema import region_arrays, region_matrix
 
     table = pq.read_table(write_synthetic_dataset(tmp_path, num_train=7, num_val=0).features_path)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mengzi_ray.config import ConfigError, JobFailed
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.features.card import ExportOscarCard
 from mengzi_ray.features.oscar_import import run_import
 from mengzi_ray.features.oscar_import.cards import CaptionTsvImport, VinvlTsvImport

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, RegionSet
 from mengzi_ray.serving.errors import ApiError, BodyLimitMiddleware
 from mengzi_ray.serving.gallery import load_gallery, read_caption_rows

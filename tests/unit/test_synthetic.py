@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mengzi_ray.datasets import (
+from mengzi_ray.synthetic import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
     SHAPES,

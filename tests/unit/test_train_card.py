@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mengzi_ray.config import ConfigError, load_card
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard
 from mengzi_ray.training.jobs import build_trainer
 

@@ -11,7 +11,7 @@ import torch
 
 from mengzi_ray.config import load_card
 from mengzi_ray.data.records import ImageRecord, load_image_records
-from mengzi_ray.datasets import write_synthetic_dataset
+from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.modeling.generation import sample
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard
