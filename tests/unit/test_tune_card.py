@@ -7,17 +7,10 @@ from pathlib import Path
 import pytest
 
 from mengzi_ray.config import ConfigError, load_card
-from mengzi_ray.training.card import CaptionCard
-from mengzi_ray.training.tune import (
-    TuneCard,
-    check_capacity,
-    check_sweep,
-    load_training_card,
-    metric_mode,
-    run_tune,
-    trial_card,
-    trial_run_name,
-)
+from mengzi_ray.training.card import CaptionCard, metric_mode
+from mengzi_ray.training.tune import run_tune, trial_run_name
+from mengzi_ray.training.tune_card import TuneCard, load_training_card, trial_card
+from mengzi_ray.training.tune_checks import check_capacity, check_sweep
 
 TRAINING_YAML = """\
 run: {name: cap, storage_path: /tmp/unused}
