@@ -37,7 +37,9 @@ KeyValues = tuple[torch.Tensor, torch.Tensor]
 class TextEmbeddings(nn.Module):
     """LayerNorm(word + token type + position) then dropout: ids (B, T) → (B, T, hidden). [PAD] is id 0."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, max_positions: int, type_vocab_size: int, eps: float, dropout: float):
+    def __init__(
+        self, vocab_size: int, hidden_size: int, max_positions: int, type_vocab_size: int, eps: float, dropout: float
+    ):
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=0)
         self.position_embeddings = nn.Embedding(max_positions, hidden_size)
@@ -45,7 +47,9 @@ class TextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """position_ids (B, T) or None for 0..T-1."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -64,11 +68,16 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, past: KeyValues | None) -> tuple[torch.Tensor, KeyValues]:
+    def forward(
+        self, hidden: torch.Tensor, bias: torch.Tensor, past: KeyValues | None
+    ) -> tuple[torch.Tensor, KeyValues]:
         """hidden (B, N, H); bias additive, broadcastable to (B, heads, N, cached + N). Returns the context
         (B, N, H) and this call's own keys/values (not the cached ones), for the caller to cache."""
         b, n, _ = hidden.shape
-        q, k, v = (proj(hidden).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        q, k, v = (
+            proj(hidden).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.query, self.key, self.value)
+        )
         new_kv = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
@@ -122,7 +131,9 @@ class BertLayer(nn.Module):
         self.intermediate = Intermediate(hidden_size, intermediate_size, activation)
         self.output = AddNorm(intermediate_size, hidden_size, eps, hidden_dropout)
 
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
+    def forward(
+        self, hidden: torch.Tensor, bias: torch.Tensor, past: KeyValues | None = None
+    ) -> tuple[torch.Tensor, KeyValues]:
         """hidden (B, N, H), bias as SelfAttention's → (new hidden (B, N, H), this call's keys/values)."""
         ctx, kv = self.attention.self(hidden, bias, past)
         hidden = self.attention.output(ctx, hidden)

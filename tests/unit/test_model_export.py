@@ -11,23 +11,13 @@ from mengzi_ray.config import load_card
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import MODEL_FILES, export_model
 from mengzi_ray.training.loop import HISTORY_FILE
-
-CARD = """\
-run: {name: cap, storage_path: /tmp/unused}
-data: {features: /tmp/f, text: /tmp/t.jsonl}
-model: {tiny: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
-optim: {learning_rate: 1.0e-4}
-batch: {global_batch_size: 4, per_worker_batch_size: 4}
-schedule: {max_steps: 10}
-validation: {every_steps: 5}
-checkpoint: {metric: val_cider}
-"""
+from tests.conftest import CAPTION_CARD_YAML
 
 
 @pytest.fixture
 def card(tmp_path: Path) -> CaptionCard:
     path = tmp_path / "caption.yaml"
-    path.write_text(CARD)
+    path.write_text(CAPTION_CARD_YAML)
     return load_card(CaptionCard, path)
 
 
