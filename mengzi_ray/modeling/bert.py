@@ -22,7 +22,6 @@ from torch import nn
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
 
 
-
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation function a config's `hidden_act` names; ValueError naming the accepted ones otherwise."""
     if name not in ACTIVATIONS:

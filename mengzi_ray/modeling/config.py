@@ -89,10 +89,6 @@ class OscarConfig:
                 f"max_seq_a_length ({self.max_seq_a_length}) exceeds max_seq_length ({self.max_seq_length})"
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
