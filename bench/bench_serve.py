@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.tiny_models
 from common import git_commit, print_table, write_results  # noqa: E402
 
 from mengzi_ray.synthetic import write_synthetic_dataset  # noqa: E402
@@ -39,7 +40,7 @@ from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402
 from mengzi_ray.serving.retrieval import CrossEncoder, RetrievalEngine, SearchQuery  # noqa: E402
 from mengzi_ray.serving.settings import GallerySection, ServeAppConfig  # noqa: E402
-from mengzi_ray.serving.tiny import write_tiny_models  # noqa: E402
+from tests.tiny_models import write_tiny_models  # noqa: E402
 
 CONCURRENCY = 16
 PARTS = ["batching", "kill", "retrieval"]

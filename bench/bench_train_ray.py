@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from caption_local import train_captioner
 from common import git_commit, print_table, write_results
 
 from mengzi_ray.config import load_card
@@ -24,7 +25,6 @@ from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.caption_local import train_captioner
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import run_training
 from mengzi_ray.training.tasks import CaptionTask

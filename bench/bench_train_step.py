@@ -26,7 +26,7 @@ from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.modeling.inference import collate
-from mengzi_ray.training.caption_local import caption_step
+from mengzi_ray.training.tasks import caption_loss
 from mengzi_ray.training.optim import build_optimizer
 
 SCRIPT = "bench_train_step"
@@ -150,7 +150,7 @@ def run_case(case: Case, device: torch.device, vocab_dir: Path) -> dict[str, Any
     ours_inputs = {k: v.to(device) for k, v in oscar_batch(case, vocab_dir, rng).items()}
     bert_inputs = {k: v.to(device) for k, v in bert_batch(case, rng).items()}
     steps = {
-        "ours": train_step(ours, lambda: caption_step(ours, ours_inputs)),
+        "ours": train_step(ours, lambda: caption_loss(ours, ours_inputs)),
         "baseline": train_step(baseline, lambda: baseline(**bert_inputs).loss),
     }
     warmup = {name: timed(step, device)[0] for name, step in steps.items()}

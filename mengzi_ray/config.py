@@ -255,7 +255,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "tune",
-            "mengzi_ray.training.tune:TuneCard",
+            "mengzi_ray.training.tune_card:TuneCard",
             "mengzi_ray.training.tune:run_tune",
             "learning-rate sweep (ASHA) over any training task",
         ),

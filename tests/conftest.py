@@ -15,6 +15,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so any code that assumes fixed ids fails here.
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "红", "蓝", "圆", "方", "的", "在", "左", "右", "边", "形", "色"]
 
+# A caption training card for tests that load cards without running them (tune cards, the model export).
+CAPTION_CARD_YAML = """\
+run: {name: cap, storage_path: /tmp/unused}
+scaling: {num_workers: 2}
+data: {features: /tmp/f, text: /tmp/t.jsonl}
+model: {tiny: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
+optim: {learning_rate: 1.0e-4}
+batch: {global_batch_size: 16, per_worker_batch_size: 4}
+schedule: {max_steps: 40}
+validation: {every_steps: 10}
+checkpoint: {metric: val_cider}
+"""
+
 
 @pytest.fixture
 def tiny_vocab_file(tmp_path: Path) -> Path:

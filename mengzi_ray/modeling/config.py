@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import BertConfig
+from mengzi_ray.modeling.bert import ACTIVATIONS
 
 CONFIG_NAME = "config.json"
 
@@ -78,6 +78,8 @@ class OscarConfig:
             raise ValueError("label_smoothing and drop_worst_ratio must be in [0, 1)")
         if self.img_feature_type.startswith("dis_code"):
             raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.att_mask_type not in ("CLR", "CL", "CR", "LR"):
             raise ValueError(f"att_mask_type must be CLR, CL, CR or LR, got {self.att_mask_type!r}")
         if self.tag_map not in (None, "corrected", "langboat"):
@@ -86,28 +88,6 @@ class OscarConfig:
             raise ValueError(
                 f"max_seq_a_length ({self.max_seq_a_length}) exceeds max_seq_length ({self.max_seq_length})"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def bert_config(self) -> BertConfig:
-        """The transformers BertConfig for the BERT blocks we build on (eager/SDPA choice is ours, not HF's)."""
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            hidden_act=self.hidden_act,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
-            initializer_range=self.initializer_range,
-            layer_norm_eps=self.layer_norm_eps,
-            pad_token_id=0,  # Oscar's [PAD] is id 0 whatever an inherited config says
-        )
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

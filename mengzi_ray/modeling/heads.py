@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
+from mengzi_ray.modeling.bert import HeadTransform
 from mengzi_ray.modeling.checkpoint import OscarPreTrainedModel
 from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling.generation import GenerationOutput, SpecialIds, generate
@@ -37,7 +37,7 @@ class OscarLMHead(nn.Module):
     def __init__(self, config: OscarConfig):
         super().__init__()
         self.predictions = nn.Module()
-        self.predictions.transform = BertPredictionHeadTransform(config.bert_config())
+        self.predictions.transform = HeadTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps)
         self.predictions.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.predictions.bias = nn.Parameter(torch.zeros(config.vocab_size))
 

@@ -1,11 +1,11 @@
 """OscarModel: BERT over `[text ; regions]` (docs/oscar-formats.md §2.2), with an optional key/value cache.
 
-Text goes through transformers' BertEmbeddings (word + position + token type, LayerNorm, dropout). Each region's
+Text goes through the BERT embeddings (word + position + token type, LayerNorm, dropout). Each region's
 2054-d vector goes through Linear(img_feature_dim → hidden) [+ LayerNorm] + dropout, with no position or
-segment embedding. The concatenation runs through transformers' BertLayer blocks; attention itself is computed
-here with `F.scaled_dot_product_attention` so that we control the mask (Oscar's 2-D or 3-D 0/1 masks become
-the original's additive `(1 - mask) * -10000` bias, which also keeps fully-masked padding rows finite) and the
-cache (keys/values of positions that later steps attend to, used by decoding).
+segment embedding. The concatenation runs through post-LN BERT layers (`modeling/bert.py`), whose attention is
+`F.scaled_dot_product_attention` with the original's additive mask: Oscar's 2-D or 3-D 0/1 masks become
+`(1 - mask) * -10000`, which also keeps fully-masked padding rows finite. The cache holds the keys/values of
+positions that later steps attend to, used by decoding.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 
+from mengzi_ray.modeling.bert import BertLayer, KeyValues, Pooler, TextEmbeddings
 from mengzi_ray.modeling.config import OscarConfig
 
-# Per layer: (keys, values), each (batch, heads, cached_positions, head_dim).
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# One (keys, values) per layer, each (batch, heads, cached_positions, head_dim).
+KVCache = list[KeyValues]
 
 
 @dataclass
@@ -47,8 +46,10 @@ class OscarModel(nn.Module):
     def __init__(self, config: OscarConfig):
         super().__init__()
         self.config = config
-        bert_config = config.bert_config()
-        self.embeddings = BertEmbeddings(bert_config)
+        self.embeddings = TextEmbeddings(
+            config.vocab_size, config.hidden_size, config.max_position_embeddings, config.type_vocab_size,
+            config.layer_norm_eps, config.hidden_dropout_prob,
+        )
         # Regions: no position/segment embedding. Original keys: bert.img_embedding.*, bert.LayerNorm.* (image LN).
         self.img_embedding = nn.Linear(config.img_feature_dim, config.hidden_size)
         self.LayerNorm = (
@@ -56,9 +57,14 @@ class OscarModel(nn.Module):
         )
         self.img_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(BertLayer(bert_config, layer_idx=i) for i in range(config.num_hidden_layers))
-        self.pooler = BertPooler(bert_config)
-        self.attention_dropout = config.attention_probs_dropout_prob
+        self.encoder.layer = nn.ModuleList(
+            BertLayer(
+                config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                config.layer_norm_eps, config.hidden_dropout_prob, config.attention_probs_dropout_prob,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.pooler = Pooler(config.hidden_size)
 
     def embed_regions(self, img_feats: torch.Tensor) -> torch.Tensor:
         if img_feats.dim() != 3 or img_feats.shape[-1] != self.config.img_feature_dim:
@@ -90,7 +96,7 @@ class OscarModel(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         if img_feats is not None:
             hidden = torch.cat([hidden, self.embed_regions(img_feats.to(hidden.dtype))], dim=1)
         num_keys = hidden.shape[1] + (past_kv[0][0].shape[2] if past_kv else 0)
@@ -103,33 +109,7 @@ class OscarModel(nn.Module):
         bias = additive_attention_mask(attention_mask, hidden.dtype)
         layer_kv: KVCache = []
         for i, layer in enumerate(self.encoder.layer):
-            hidden, kv = self._layer(layer, hidden, bias, past_kv[i] if past_kv else None)
+            hidden, kv = layer(hidden, bias, past_kv[i] if past_kv else None)
             layer_kv.append(kv)
         pooled = self.pooler(hidden)
         return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
-
-    def _layer(
-        self,
-        layer: BertLayer,
-        hidden: torch.Tensor,
-        bias: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One post-LN BERT layer, using the BertLayer's own weights (keys stay the original's)."""
-        attn = layer.attention.self
-        b, n, _ = hidden.shape
-        heads, d = self.config.num_attention_heads, self.config.head_dim
-        q = attn.query(hidden).view(b, n, heads, d).transpose(1, 2)
-        k = attn.key(hidden).view(b, n, heads, d).transpose(1, 2)
-        v = attn.value(hidden).view(b, n, heads, d).transpose(1, 2)
-        new_kv = (k, v)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        ctx = ctx.transpose(1, 2).reshape(b, n, heads * d)
-        hidden = layer.attention.output(ctx, hidden)
-        hidden = layer.output(layer.intermediate(hidden), hidden)
-        return hidden, new_kv

@@ -155,6 +155,28 @@ def _ordered_ingest() -> Any:
     return options
 
 
+def read_history(checkpoint: Path) -> list[dict[str, Any]]:
+    """The validation history rank 0 keeps in every checkpoint (one dict per validation, oldest first)."""
+    return json.loads((checkpoint / HISTORY_FILE).read_text(encoding="utf-8"))
+
+
+def export_model(checkpoint: Path, destination: str, card: TrainCard, run_name: str, best: dict[str, Any] | None) -> str:
+    """Publish the model dir of a local Train checkpoint at `destination` (local or s3://) and return its URI.
+
+    The dir holds MODEL_FILES and a training_card.json (`report.training_card`: the card that trained it, the
+    checkpoint's last metrics, `best` = {"path", "metric"} of the checkpoint chosen, the commit). The one export
+    path: a finished run (`run_training`) and a sweep's best trial (`tune.run_tune`) both call it."""
+    history = read_history(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        for name in MODEL_FILES:
+            shutil.copyfile(checkpoint / name, model_dir / name)
+        card_json = training_card(card, run_name, history, best)
+        (model_dir / "training_card.json").write_text(json.dumps(card_json, indent=2, ensure_ascii=False), encoding="utf-8")
+        return storage.publish_dir(model_dir, destination)
+
+
 def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict[str, Any]:
     """Fit, then export the final model dir, metrics.jsonl, plots and summary.json; returns the summary."""
     ensure_ray(card.ray)
@@ -169,13 +191,8 @@ def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict
     best = result.get_best_checkpoint(card.checkpoint.metric, card.checkpoint.mode)
     best_info = {"path": best.path, "metric": card.checkpoint.metric} if best is not None else None
     with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory() as tmp:
-        history = json.loads((Path(ckpt) / HISTORY_FILE).read_text())
-        report_dir, model_dir = Path(tmp) / "report", Path(tmp) / "model"
-        model_dir.mkdir()
-        for name in MODEL_FILES:
-            shutil.copyfile(Path(ckpt) / name, model_dir / name)
-        card_json = training_card(card, card.run.name, history, best_info)
-        (model_dir / "training_card.json").write_text(json.dumps(card_json, indent=2, ensure_ascii=False))
+        history = read_history(Path(ckpt))
+        report_dir = Path(tmp) / "report"
         written = write_metrics(history, report_dir)
         summary = {
             "task": card.task,
@@ -188,7 +205,7 @@ def run_training(card: TrainCard, *, controller_failure_limit: int = -1) -> dict
             "outputs": [f"{run_dir}/{p.name}" for p in written],
         }
         # the model first, summary.json last: a summary that exists always names a whole model
-        storage.publish_dir(model_dir, summary["model_dir"])
+        export_model(Path(ckpt), summary["model_dir"], card, card.run.name, best_info)
         storage.upload_dir(report_dir, run_dir)
         storage.write_json(f"{run_dir}/summary.json", summary)
     log.info("run %s: %s", card.run.name, summary["final_metrics"])

@@ -32,11 +32,18 @@ from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.modeling.inference import caption_images, collate
-from mengzi_ray.training.caption_local import MODEL_INPUTS
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
 Batch = dict[str, np.ndarray]
+
+CAPTION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", "masked_pos", "masked_ids")
+"""The tensors of a captioning training batch that OscarForCaptioning.forward takes."""
+
+
+def caption_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked-token loss of one captioning training batch (autocast is the caller's choice)."""
+    return model(**{k: batch[k] for k in CAPTION_INPUTS}).loss
 
 
 class NegativePool:
@@ -129,7 +136,7 @@ class CaptionTask(Task):
         return _stack([self.train_tz.train_example(r.texts[0], r.od_labels, r.features, rng) for r in rows])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**{k: batch[k] for k in MODEL_INPUTS}).loss
+        return caption_loss(model, batch)
 
     @torch.no_grad()
     def validate(self, model: OscarForCaptioning, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
@@ -140,7 +147,7 @@ class CaptionTask(Task):
         examples = [self.train_tz.train_example(t, r.od_labels, r.features, rng) for r in val_rows for t in r.texts]
         model.eval()
         with _no_drop_worst(model):
-            losses = [(model(**{k: b[k] for k in MODEL_INPUTS}).loss.item(), b["input_ids"].shape[0]) for b in self._batches(examples, device)]
+            losses = [(caption_loss(model, b).item(), b["input_ids"].shape[0]) for b in self._batches(examples, device)]
         c = self.card.caption
         preds = caption_images(model, self.tokenizer, self.test_tz, val_rows, num_beams=c.num_beams, batch_size=self.card.validation.batch_size)
         cider = score_captions({k: v for k, (v, _) in preds.items()}, {r.image_id: r.texts for r in val_rows}, metrics=("CIDEr",))

@@ -26,7 +26,7 @@ from PIL import Image
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.serving.loadtest import LoadRun
 from mengzi_ray.serving.settings import ServeAppConfig
-from mengzi_ray.serving.tiny import write_tiny_models
+from tests.tiny_models import write_tiny_models
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,8 @@ from mengzi_ray.evaluation.caption_inference import generation_layout
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.modeling.inference import caption_images
-from mengzi_ray.training.tune import TuneCard, run_tune
+from mengzi_ray.training.tune import run_tune
+from mengzi_ray.training.tune_card import TuneCard
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from mengzi_ray.serving.gallery import load_gallery, read_caption_rows
 from mengzi_ray.serving.retrieval import CrossEncoder, NgramIndex, RetrievalEngine, SearchQuery, char_ngrams
 from mengzi_ray.serving.schemas import CaptionRequest, RegionsIn, component_schemas, request_body
 from mengzi_ray.serving.settings import BatchedReplicaSection, GallerySection, ServeAppConfig
-from mengzi_ray.serving.tiny import write_tiny_models
+from tests.tiny_models import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 

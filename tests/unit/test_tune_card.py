@@ -7,29 +7,11 @@ from pathlib import Path
 import pytest
 
 from mengzi_ray.config import ConfigError, load_card
-from mengzi_ray.training.card import CaptionCard
-from mengzi_ray.training.tune import (
-    TuneCard,
-    check_capacity,
-    check_sweep,
-    load_training_card,
-    metric_mode,
-    run_tune,
-    trial_card,
-    trial_run_name,
-)
-
-TRAINING_YAML = """\
-run: {name: cap, storage_path: /tmp/unused}
-scaling: {num_workers: 2}
-data: {features: /tmp/f, text: /tmp/t.jsonl}
-model: {tiny: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
-optim: {learning_rate: 1.0e-4}
-batch: {global_batch_size: 16, per_worker_batch_size: 4}
-schedule: {max_steps: 40}
-validation: {every_steps: 10}
-checkpoint: {metric: val_cider}
-"""
+from mengzi_ray.training.card import CaptionCard, metric_mode
+from mengzi_ray.training.tune import run_tune, trial_run_name
+from mengzi_ray.training.tune_card import TuneCard, load_training_card, trial_card
+from mengzi_ray.training.tune_checks import check_capacity, check_sweep
+from tests.conftest import CAPTION_CARD_YAML
 
 
 def tune_yaml(training_path, **sections: str) -> str:
@@ -46,7 +28,7 @@ def tune_yaml(training_path, **sections: str) -> str:
 @pytest.fixture()
 def training_path(tmp_path):
     path = tmp_path / "caption.yaml"
-    path.write_text(TRAINING_YAML, encoding="utf-8")
+    path.write_text(CAPTION_CARD_YAML, encoding="utf-8")
     return path
 
 

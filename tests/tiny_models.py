@@ -1,5 +1,5 @@
-"""Tiny random-init model dirs for the serving tests, the serving benchmark and a first `serve run` before any
-training: a captioner and a retrieval model whose vocab is built from a feature dataset's own captions and tags.
+"""Tiny random-init model dirs for the serving tests and the serving benchmark (bench/bench_serve.py): a captioner
+and a retrieval model whose vocab is built from a feature dataset's own captions and tags.
 
 Their outputs mean nothing (random weights); they exercise the whole serving path at the real layouts.
 """

@@ -1,6 +1,6 @@
-"""Single-process caption training: a plain PyTorch loop, the no-Ray baseline of the benchmarks.
-
-The Ray Train loop runs the same `caption_step` per worker.
+"""Single-process caption training: a plain PyTorch loop, the no-Ray baseline of the training benchmarks
+(bench_train_ray.py, bench_train_step.py). Each step computes the same loss as a Ray Train worker's
+(`training.tasks.caption_loss`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,9 @@ from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.modeling.inference import collate
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
+from mengzi_ray.training.tasks import caption_loss
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", "masked_pos", "masked_ids")
-
-
-def caption_step(model: OscarForCaptioning, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward one training batch; returns the loss (autocast is the caller's choice)."""
-    return model(**{k: batch[k] for k in MODEL_INPUTS}).loss
 
 
 def train_captioner(
@@ -55,7 +49,7 @@ def train_captioner(
             [tensorizer.train_example(pairs[i][1], pairs[i][0].od_labels, pairs[i][0].features, rng) for i in chosen],
             device,
         )
-        loss = caption_step(model, batch)
+        loss = caption_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
