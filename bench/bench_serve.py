@@ -42,7 +42,8 @@ from mengzi_ray.datasets import write_synthetic_dataset  # noqa: E402
 from mengzi_ray.ray_runtime import start_local_ray  # noqa: E402
 from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402
-from mengzi_ray.serving.retrieval import CrossEncoder, RetrievalEngine, SearchQuery  # noqa: E402
+from mengzi_ray.inference import MatchScorer  # noqa: E402
+from mengzi_ray.serving.retrieval import RetrievalEngine, SearchQuery  # noqa: E402
 from mengzi_ray.serving.settings import GallerySection, ServeAppConfig  # noqa: E402
 from mengzi_ray.serving.tiny import write_tiny_models  # noqa: E402
 
@@ -146,7 +147,7 @@ def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int
 
 def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int, candidate_counts: list[int]) -> list[dict]:
     gallery = load_gallery(GallerySection(features=features, texts=texts))
-    encoder = CrossEncoder(retrieval_dir, chunk=512)
+    encoder = MatchScorer.from_model_dir(retrieval_dir, "cpu", batch_size=512)
     rng = np.random.default_rng(0)
     picks = rng.choice(len(gallery.captions), size=queries, replace=False)
     wanted = [(gallery.captions[i], gallery.index_of[gallery.caption_image_ids[i]]) for i in picks]

@@ -4,7 +4,6 @@ class and a direct `MatchScorer` give it bit-identical scores; a card that contr
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -71,19 +70,22 @@ def test_trained_layout_gives_identical_scores_in_evaluation_serve_and_match_sco
     direct = scorer.score([(texts[t], regions[i][1], regions[i][0]) for i in ids for t in ids]).reshape(len(ids), len(ids))
     np.testing.assert_array_equal(direct, evaluated)
 
-    # Serve's Retriever replica class (outside Serve): brute-force image search for each caption
+    # Serve's Retriever deployment: brute-force image search for each caption, through a deployment handle
+    from ray import serve
+
     section = RetrieverSection(model_dir=model_dir, gallery={"features": str(ds.features_path), "texts": str(ds.text_path),
-                                                            "split": "val"}, candidates=100, rerank_chunk=1)
-    replica = Retriever.func_or_class(section)
-    assert replica.engine.encoder.tensorizer.layout.att_mask_type == MASK
-
-    async def search_all() -> list:
-        return await asyncio.gather(*(replica.search(SearchQuery(k=len(ids), text=texts[t])) for t in ids))
-
-    served = np.full_like(evaluated, np.nan)
-    for column, rows in enumerate(asyncio.run(search_all())):
-        for row in rows:
-            served[ids.index(row["image_id"]), column] = row["score"]
+                                                            "split": "val"}, candidates=100, rerank_chunk=1, num_cpus=0.5)
+    try:
+        handle = serve.run(Retriever.options(**section.deployment_options()).bind(section), name="layout",
+                           route_prefix=None)
+        assert handle.info.remote().result()["input_layout"]["att_mask_type"] == MASK
+        answers = [handle.search.remote(SearchQuery(k=len(ids), text=texts[t])) for t in ids]
+        served = np.full_like(evaluated, np.nan)
+        for column, answer in enumerate(answers):
+            for row in answer.result():
+                served[ids.index(row["image_id"]), column] = row["score"]
+    finally:
+        serve.shutdown()
     np.testing.assert_array_equal(served, evaluated)
 
     # the layout matters: the default text length and mask give other scores for the same pairs
