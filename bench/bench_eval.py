@@ -4,7 +4,7 @@ per second (beam 5) on Ray Data actors vs the single-process decoder.
 * Retrieval: the cross-image pair space of the synthetic val split (N images × N·3 captions), scored by
   `score_pairs`; baseline = 1 actor, measured in the same run. Times are end to end (actor start and model load
   included), i.e. what the evaluate job pays.
-* Caption: `predict_captions` (Ray Data, 1 actor, beam 5) vs `caption_images` in this process (no Ray), same model,
+* Caption: `predict_captions` (Ray Data, 1 actor, beam 5) vs `Captioner.caption_records` in this process (no Ray), same model,
   same images.
 
 Models are tiny and random-init (throughput does not depend on the weights' quality); Ray runs embedded with 4
@@ -20,14 +20,13 @@ from pathlib import Path
 import ray
 import torch
 from common import git_commit, pick_device, print_table, write_results
-from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.evaluation.caption_inference import generation_layout, predict_captions
+from mengzi_ray.evaluation.caption_inference import predict_captions
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, build_gallery, score_pairs
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning, OscarForRetrieval
-from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
-from mengzi_ray.modeling.inference import caption_images
+from mengzi_ray.text import build_vocab, write_vocab
+from mengzi_ray.inference import Captioner
 
 SCRIPT = "bench_eval"
 NUM_VAL = 24
@@ -64,14 +63,12 @@ def bench_caption(model_dir: Path, features: Path, val) -> list[dict]:
     start = time.perf_counter()
     predict_captions(str(features), str(model_dir), ids, num_beams=NUM_BEAMS, max_gen_length=MAX_GEN, num_actors=1, batch_size=16)
     ray_seconds = time.perf_counter() - start
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tensorizer = CaptionTensorizer(tokenizer, generation_layout(model.config, MAX_GEN))
+    captioner = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=MAX_GEN, batch_size=16)
     start = time.perf_counter()
-    caption_images(model, tokenizer, tensorizer, val, num_beams=NUM_BEAMS, batch_size=16)
+    captioner.caption_records(val, num_beams=NUM_BEAMS)
     local_seconds = time.perf_counter() - start
     return [
-        {"path": "in-process caption_images (baseline)", "images": len(ids), "seconds": local_seconds, "images_per_s": len(ids) / local_seconds},
+        {"path": "in-process Captioner (baseline)", "images": len(ids), "seconds": local_seconds, "images_per_s": len(ids) / local_seconds},
         {"path": "Ray Data, 1 actor", "images": len(ids), "seconds": ray_seconds, "images_per_s": len(ids) / ray_seconds},
     ]
 

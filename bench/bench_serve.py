@@ -1,11 +1,14 @@
-"""Serving figures (issue 7), measured on local Ray over loopback:
+"""Serving figures, measured on local Ray over loopback:
 
-1. caption req/s, p50, p99 at concurrency 16 with `@serve.batch` (max_batch_size 8) vs batch size 1 (baseline),
-   with the 64-wide tiny captioner (serving overhead dominates) or `--caption-shape base` (the real model's
-   compute per request);
-2. the bounded load test: 2,000 requests at concurrency 16 with one of two captioner replicas killed a third of
+1. caption req/s, p50, p99 at concurrency 16 with `@serve.batch` vs batch size 1 (baseline), precomputed regions
+   sent in the compact base64 form, beam 3, with the 64-wide tiny captioner (serving overhead dominates) or
+   `--caption-shape base` (the real model's compute per request); the batch-size histogram of each run;
+2. the same over the image-upload path: a PNG per request through the ingress's decoding, the Detector deployment
+   (the tiny random-weight torchvision C4 detector of serve/config.yaml) and the Captioner, both batched or both at
+   batch size 1;
+3. the bounded load test: `--requests` at concurrency 16 with one of two captioner replicas killed a third of
    the way in; errors counted exactly, the replacement replica observed;
-3. retrieval on a 10,000-image synthetic gallery: query latency and recall@10 of two-stage search (n-gram
+4. retrieval on a 10,000-image synthetic gallery: query latency and recall@10 of two-stage search (n-gram
    candidates → cross-encoder re-ranking) vs brute force (cross-encoder over the whole gallery), plus the share
    of brute force's top-10 that two-stage recovers.
 
@@ -13,13 +16,15 @@ Models: tiny random-init dirs built from the synthetic data unless --caption-mod
 trained ones (recall@10 against ground truth means something only with a trained retrieval model; the
 brute-force agreement is the candidate stage's cost whatever the model).
 
-    .venv/bin/python bench/bench_serve.py [--requests 2000] [--gallery 10000] [--queries 20]
-        [--parts batching kill retrieval] [--caption-shape tiny|base] [--retrieval-model DIR]
+    .venv/bin/python bench/bench_serve.py [--requests 200] [--gallery 10000] [--queries 20]
+        [--parts batching upload kill retrieval] [--caption-shape tiny|base] [--max-batch-size 8]
+        [--batch-wait-s 0.05] [--retrieval-model DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import socket
 import sys
 import tempfile
@@ -38,27 +43,63 @@ from mengzi_ray.synthetic import write_synthetic_dataset  # noqa: E402
 from mengzi_ray.ray_runtime import start_local_ray  # noqa: E402
 from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402
-from mengzi_ray.serving.retrieval import CrossEncoder, RetrievalEngine, SearchQuery  # noqa: E402
+from mengzi_ray.inference import MatchScorer  # noqa: E402
+from mengzi_ray.serving.retrieval import RetrievalEngine, SearchQuery  # noqa: E402
 from mengzi_ray.serving.settings import GallerySection, ServeAppConfig  # noqa: E402
 from tests.tiny_models import write_tiny_models  # noqa: E402
 
 CONCURRENCY = 16
-PARTS = ["batching", "kill", "retrieval"]
+PARTS = ["batching", "upload", "kill", "retrieval"]
 SHAPES = ["圆形", "正方形", "三角形"]
+ROOT = Path(__file__).resolve().parents[1]
+GIVEN_BOXES = {"backend": "given_boxes", "given_boxes_featurizer": "pixel_crops"}
 
 
-def app_config(caption_dir: str, retrieval_dir: str, features: str, max_batch_size: int, replicas: int) -> ServeAppConfig:
-    model = {"num_cpus": 0.5, "max_batch_size": max_batch_size, "max_ongoing_requests": max(16, max_batch_size)}
+def local_detector() -> dict:
+    """The detector model section of serve/config.yaml (the tiny random-weight torchvision C4 of the local demo)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    return config["applications"][0]["args"]["detector"]["model"]
+
+
+def app_config(caption_dir: str, retrieval_dir: str, features: str, max_batch_size: int, replicas: int, *,
+               batch_wait_s: float, detector: dict | None = None) -> ServeAppConfig:
+    """Captioner (and Detector) batching at `max_batch_size`; the Detector is `detector` (a DetectorSection dict)
+    or given boxes with pixel crops (unused by precomputed-region requests)."""
+    model = {"num_cpus": 0.5, "max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_s,
+             "max_ongoing_requests": max(CONCURRENCY, max_batch_size)}
     return ServeAppConfig.model_validate(
         {
-            "captioner": {"model_dir": caption_dir, "min_replicas": replicas, "max_replicas": replicas, "batch_wait_timeout_s": 0.01, **model},
+            "captioner": {"model_dir": caption_dir, "min_replicas": replicas, "max_replicas": replicas, **model},
             "retriever": {"model_dir": retrieval_dir, "gallery": {"features": features, "max_images": 50}, **model},
-            "detector": {**model, "model": {"backend": "given_boxes", "given_boxes_featurizer": "pixel_crops"}},
+            "detector": {**model, "model": detector or GIVEN_BOXES},
             "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 64},
-            "auth_token_env": None,
+            "allow_anonymous": True,
+            "auth_token_env": "MENGZI_BENCH_NO_TOKEN",
+            "limits": {"max_pixels": 16_000_000},
             "default_num_beams": 3,
         }
     )
+
+
+def regions_body(row: dict) -> dict:
+    """A caption request with a feature row's regions in the compact form (base64 little-endian float32)."""
+    feats = np.asarray(row["features"], dtype="<f4")
+    encoded = base64.b64encode(feats.tobytes()).decode("ascii")
+    return {"regions": {"features_b64": encoded, "shape": list(feats.shape), "tags": row["tags"]}, "num_beams": 3}
+
+
+def upload_body(image_path: Path) -> dict:
+    """A caption request carrying an image file (base64 in JSON, as the demo page's upload)."""
+    return {"image_base64": base64.b64encode(image_path.read_bytes()).decode("ascii"), "num_beams": 3}
+
+
+def replica_batches(deployment: str) -> dict[str, int]:
+    """The batch-size histogram of the first replica of `deployment` in the app (model calls per batch size)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name="bench").info.remote().result()["batch_sizes"]
 
 
 def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int | None) -> dict:
@@ -75,7 +116,8 @@ def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int
     try:
         serve.run(compose_app(config), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/caption"
-        LoadRun(url, body, total=2 * CONCURRENCY, concurrency=CONCURRENCY).start().wait()  # warm-up
+        LoadRun(url, body, total=CONCURRENCY, concurrency=CONCURRENCY).start().wait()  # warm-up
+        warm = {name: replica_batches(name) for name in ("Captioner", "Detector")}
         run = LoadRun(url, body, total=requests, concurrency=CONCURRENCY).start()
         killed, replaced = None, None
         if kill_at is not None:
@@ -93,14 +135,20 @@ def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int
                     replaced = True
                     break
                 time.sleep(0.5)
-        return {**report.summary(), "killed_replica": killed, "replaced": replaced}
+        calls = {}
+        if killed is None:  # one replica each: its histogram minus the warm-up's is this run's
+            for name, before in warm.items():
+                after = replica_batches(name)
+                calls[name] = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        return {**report.summary(), "response_batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())},
+                "model_call_batch_sizes": calls, "killed_replica": killed, "replaced": replaced}
     finally:
         serve.shutdown()
 
 
 def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int, candidate_counts: list[int]) -> list[dict]:
     gallery = load_gallery(GallerySection(features=features, texts=texts))
-    encoder = CrossEncoder(retrieval_dir, chunk=512)
+    encoder = MatchScorer.from_model_dir(retrieval_dir, "cpu", batch_size=512)
     rng = np.random.default_rng(0)
     picks = rng.choice(len(gallery.captions), size=queries, replace=False)
     wanted = [(gallery.captions[i], gallery.index_of[gallery.caption_image_ids[i]]) for i in picks]
@@ -150,39 +198,55 @@ def base_shaped_captioner(tiny_dir: Path, out_dir: Path) -> str:
     return str(OscarForCaptioning(config).save_pretrained(out_dir, vocab_file=tiny_dir / "vocab.txt"))
 
 
-def caption_part(caption_dir: str, retrieval_dir: str, features: str, body: dict, requests: int, parts: list[str]) -> dict:
-    """Figures 1 and 2 on a local Ray: batched vs batch size 1 ("batching"), two replicas with one killed mid-run
-    ("kill")."""
+def batching_runs(configs: dict[str, ServeAppConfig], body: dict, requests: int, title: str) -> dict:
+    """Load each config in turn with the same body; print the table, the ratios and the histograms."""
+    runs = {name: caption_load(config, body, requests, None) for name, config in configs.items()}
+    print(f"\n{title}: {requests} requests, concurrency {CONCURRENCY}, beams 3")
+    print_table(
+        ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors", "captioner calls by batch size"],
+        [[name, f"{r['req_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}",
+          sum(r["errors"].values()), r["model_call_batch_sizes"].get("Captioner")] for name, r in runs.items()],
+    )
+    base, batched = runs["batch size 1 (baseline)"], runs["batched"]
+    ratios = {"throughput": batched["req_per_s"] / base["req_per_s"], "p99": batched["p99_ms"] / base["p99_ms"]}
+    print(f"batched / baseline: throughput {ratios['throughput']:.2f}x, p99 {ratios['p99']:.2f}x; "
+          f"detector calls by batch size (batched): {batched['model_call_batch_sizes'].get('Detector')}")
+    return {"runs": runs, "ratios": ratios}
+
+
+def caption_part(caption_dir: str, retrieval_dir: str, small, requests: int, parts: list[str], max_batch_size: int,
+                 batch_wait_s: float) -> dict:
+    """Figures 1-3 on a local Ray: precomputed regions ("batching") and image uploads ("upload"), batched vs batch
+    size 1; two replicas with one killed mid-run ("kill")."""
     import ray
 
+    features = str(small.features_path)
+    row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
     start_local_ray(num_cpus=4, include_dashboard=False)
-    runs: dict[str, dict] = {}
+    results: dict = {}
     try:
+        def configs(detector: dict | None) -> dict[str, ServeAppConfig]:
+            return {
+                "batch size 1 (baseline)": app_config(caption_dir, retrieval_dir, features, 1, 1, batch_wait_s=0.0, detector=detector),
+                "batched": app_config(caption_dir, retrieval_dir, features, max_batch_size, 1, batch_wait_s=batch_wait_s, detector=detector),
+            }
+
         if "batching" in parts:
-            runs["batch_size_1"] = caption_load(app_config(caption_dir, retrieval_dir, features, 1, 1), body, requests, None)
-            runs["batched"] = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 1), body, requests, None)
+            results["regions"] = batching_runs(configs(None), regions_body(row), requests,
+                                               f"caption over HTTP, precomputed regions (base64), model {caption_dir}")
+        if "upload" in parts:
+            image = small.root / "images" / f"{row['image_id']}.png"
+            results["upload"] = batching_runs(configs(local_detector()), upload_body(image), requests,
+                                              f"caption over HTTP, image upload ({image.name}) via the tiny C4 detector")
         if "kill" in parts:
-            runs["replica_killed"] = caption_load(app_config(caption_dir, retrieval_dir, features, 8, 2), body, requests, requests // 3)
+            killed = caption_load(app_config(caption_dir, retrieval_dir, features, max_batch_size, 2, batch_wait_s=batch_wait_s),
+                                  regions_body(row), requests, requests // 3)
+            print(f"\nkilled replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill "
+                  f"run: {sum(killed['errors'].values())} of {requests}")
+            results["replica_killed"] = killed
     finally:
         ray.shutdown()
-
-    names = {"batch_size_1": "batch size 1 (baseline)", "batched": "@serve.batch max 8", "replica_killed": "max 8, 2 replicas, 1 killed"}
-    print(f"\ncaption over HTTP: {requests} requests, concurrency {CONCURRENCY}, beams 3, precomputed regions, model {caption_dir}")
-    print_table(
-        ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"],
-        [
-            [names[key], f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['mean_batch_size'] or 0:.2f}", r["errors"] or 0]
-            for key, r in runs.items()
-        ],
-    )
-    if "batching" in parts:
-        batched, single = runs["batched"], runs["batch_size_1"]
-        print(f"throughput ratio batched / baseline: {batched['req_per_s'] / single['req_per_s']:.2f}x; "
-              f"p99 ratio: {batched['p99_ms'] / single['p99_ms']:.2f}x")
-    if "kill" in parts:
-        killed = runs["replica_killed"]
-        print(f"killed replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill run: {killed['errors'] or 0}")
-    return runs
+    return results
 
 
 def retrieval_part(work: Path, retrieval_dir: str, gallery: int, queries: int, candidates: list[int]) -> list[dict]:
@@ -206,7 +270,7 @@ def retrieval_part(work: Path, retrieval_dir: str, gallery: int, queries: int, c
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=200, help="requests per load run (after 16 warm-up)")
     parser.add_argument("--gallery", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
@@ -216,6 +280,8 @@ def main() -> int:
     parser.add_argument("--retrieval-model", help="trained retrieval dir (default: tiny random init)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="batched runs' max_batch_size")
+    parser.add_argument("--batch-wait-s", type=float, default=0.05, help="batched runs' batch_wait_timeout_s")
     args = parser.parse_args()
 
     commit = git_commit()
@@ -228,17 +294,17 @@ def main() -> int:
         caption_dir = base_shaped_captioner(caption_dir, work / "models" / "caption_base")
     caption_dir = args.caption_model or str(caption_dir)
     retrieval_dir = args.retrieval_model or str(retrieval_dir)
-    row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
-    body = {"regions": {"features": row["features"], "tags": row["tags"]}, "num_beams": 3}
 
     results: dict = {}
-    if {"batching", "kill"} & set(args.parts):
-        results["caption"] = caption_part(caption_dir, retrieval_dir, str(small.features_path), body, args.requests, args.parts)
+    if {"batching", "upload", "kill"} & set(args.parts):
+        results["caption"] = caption_part(caption_dir, retrieval_dir, small, args.requests, args.parts,
+                                          args.max_batch_size, args.batch_wait_s)
     if "retrieval" in args.parts:
         results["retrieval"] = retrieval_part(work, retrieval_dir, args.gallery, args.queries, args.candidates)
     settings = {
         "requests": args.requests, "concurrency": CONCURRENCY, "num_beams": 3, "gallery": args.gallery,
-        "queries": args.queries, "caption_model": args.caption_model or f"{args.caption_shape}-shaped random init",
+        "queries": args.queries, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+        "regions_form": "base64 float32", "caption_model": args.caption_model or f"{args.caption_shape}-shaped random init",
         "retrieval_model": args.retrieval_model or "tiny random init", "parts": args.parts,
     }
     name = "bench_serve" if set(args.parts) == set(PARTS) else "bench_serve_" + "_".join(args.parts)

@@ -25,7 +25,7 @@ from transformers import BertConfig, BertForMaskedLM
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import collate
+from mengzi_ray.inference import collate
 from mengzi_ray.training.tasks import caption_loss
 from mengzi_ray.training.optim import build_optimizer
 

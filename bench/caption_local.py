@@ -14,7 +14,7 @@ import torch
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.modeling import OscarForCaptioning
-from mengzi_ray.modeling.inference import collate
+from mengzi_ray.inference import collate
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
 from mengzi_ray.training.tasks import caption_loss
 

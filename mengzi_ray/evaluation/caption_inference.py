@@ -1,9 +1,8 @@
 """Batch caption inference on Ray Data: feature rows → (image_id, caption, score), beam search in model actors.
 
-Each actor loads the model dir once (:class:`CaptionPredictor`) and captions batches with
-:func:`mengzi_ray.modeling.inference.caption_images` (the same decoding path as the demo and validation), in
-the test layout the model's :class:`~mengzi_ray.modeling.OscarConfig` records (max_seq_a_length, max_seq_length,
-max_img_seq_length, add_od_labels). ``score`` is exp(length-normalised log-prob), the original's ``conf``.
+Each actor loads the model dir once as a :class:`mengzi_ray.inference.Captioner` (the same decoding path and
+input layout as Serve and validation, read from the dir). ``score`` is exp(length-normalised log-prob), the
+original's ``conf``.
 Called by the evaluate job and by ``bench/bench_eval.py``.
 """
 
@@ -12,28 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import torch
 
-from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
-from mengzi_ray.data.records import ImageRecord
-from mengzi_ray.evaluation.feature_io import od_label_string, read_feature_dataset
+from mengzi_ray.evaluation.feature_io import read_feature_dataset
 from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
 from mengzi_ray.features.schema import region_arrays
-from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
-from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import caption_images
-
-
-def generation_layout(config: OscarConfig, max_gen_length: int) -> CaptionLayout:
-    """The test layout of a model: its training layout with a caption budget of ``max_gen_length``."""
-    trained = CaptionLayout(
-        max_seq_a_length=config.max_seq_a_length,
-        max_seq_length=config.max_seq_length,
-        max_img_seq_length=config.max_img_seq_length,
-        img_feature_dim=config.img_feature_dim,
-        add_od_labels=config.add_od_labels,
-    )
-    return trained.for_generation(max_gen_length)
+from mengzi_ray.inference import Captioner
 
 
 class CaptionPredictor:
@@ -49,29 +31,21 @@ class CaptionPredictor:
 
     def __init__(self, model_dir: str, num_beams: int, max_gen_length: int, batch_size: int, use_gpu: bool,
                  config_overrides: dict[str, Any] | None = None) -> None:
-        device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = OscarForCaptioning.from_pretrained(model_dir, **(config_overrides or {})).to(device)
-        self.tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=self.model.config.do_lower_case)
-        layout = generation_layout(self.model.config, max_gen_length)
-        self.tensorizer = CaptionTensorizer(self.tokenizer, layout)
+        self.captioner = Captioner.from_model_dir(
+            model_dir, "cuda" if use_gpu else "cpu", config_overrides=config_overrides,
+            max_gen_length=max_gen_length, batch_size=batch_size,
+        )
         self.num_beams = num_beams
-        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns = zip(batch.column("image_id").to_pylist(), region_arrays(batch.column("features")),
-                      batch.column("tags").to_pylist(), batch.column("labels").to_pylist())
-        tag_map = self.model.config.tag_map
-        records = [ImageRecord(image_id, regions, od_label_string(labels, tags, tag_map), [])
-                   for image_id, regions, tags, labels in columns]
-        predicted = caption_images(
-            self.model, self.tokenizer, self.tensorizer, records, num_beams=self.num_beams, batch_size=self.batch_size
-        )
-        ids = [r.image_id for r in records]
+        od_labels = [self.captioner.od_labels(labels, tags)
+                     for labels, tags in zip(batch.column("labels").to_pylist(), batch.column("tags").to_pylist())]
+        best = self.captioner.caption(region_arrays(batch.column("features")), od_labels, num_beams=self.num_beams)
         return pa.table(
             {
-                "image_id": ids,
-                "caption": [predicted[i][0] for i in ids],
-                "score": [predicted[i][1] for i in ids],
+                "image_id": batch.column("image_id").to_pylist(),
+                "caption": [captions[0][0] for captions in best],
+                "score": [captions[0][1] for captions in best],
             },
             schema=PREDICTION_SCHEMA,
         )

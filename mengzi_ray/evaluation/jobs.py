@@ -241,7 +241,6 @@ def _evaluate_retrieval(
         num_actors=card.actors.num_actors,
         chunk_size=ret.chunk_size,
         batch_size=card.actors.batch_size,
-        att_mask_type=layout["att_mask_type"],
         config_overrides=overrides,
         num_gpus_per_actor=card.actors.num_gpus_per_actor,
         num_cpus_per_actor=card.actors.num_cpus_per_actor,

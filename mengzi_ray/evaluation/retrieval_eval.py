@@ -18,16 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
 
-from mengzi_ray.data.retrieval import MaskType, RetrievalLayout, RetrievalTensorizer
-from mengzi_ray.modeling import OscarForRetrieval
-from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import collate
+from mengzi_ray.inference import MatchScorer
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats")
 
 
 @dataclass
@@ -126,44 +120,28 @@ class ListedPairs:
 class PairScorer:
     """One model actor: match scores softmax(logits)[:, 1] for ranges of the pair index.
 
-    The layout (max_seq_length, max_img_seq_length, add_od_labels) is the model's OscarConfig; ``att_mask_type``
-    must be the one it was trained with. Plain class: the job wraps it with ``ray.remote``; tests use it directly.
+    The model and its whole input layout (text length, regions, od labels, attention mask type) come from the
+    model dir through :class:`mengzi_ray.inference.MatchScorer`; ``config_overrides`` only for a dir that records
+    no layout. Plain class: the job wraps it with ``ray.remote``; tests use it directly.
     """
 
     def __init__(
-        self, model_dir: str, gallery: Gallery, pairs: PairIndex, batch_size: int, att_mask_type: MaskType, use_gpu: bool,
+        self, model_dir: str, gallery: Gallery, pairs: PairIndex, batch_size: int, use_gpu: bool,
         config_overrides: dict[str, Any] | None = None,
     ) -> None:
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = OscarForRetrieval.from_pretrained(model_dir, **(config_overrides or {})).to(self.device)
-        config = self.model.config
-        layout = RetrievalLayout(
-            max_seq_length=config.max_seq_length,
-            max_img_seq_length=config.max_img_seq_length,
-            img_feature_dim=config.img_feature_dim,
-            add_od_labels=config.add_od_labels,
-            att_mask_type=att_mask_type,
-        )
-        tokenizer = load_tokenizer(self.model.source_dir, do_lower_case=config.do_lower_case)
-        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
+        self.scorer = MatchScorer.from_model_dir(model_dir, "cuda" if use_gpu else "cpu",
+                                                 config_overrides=config_overrides, batch_size=batch_size)
         self.gallery = gallery
         self.index = pairs
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def score(self, start: int, stop: int) -> tuple[int, np.ndarray]:
         """Scores of pairs [start, stop) as float32; ``start`` must be a multiple of batch_size. Returns (start, scores)."""
         if start % self.batch_size:
             raise ValueError(f"chunk start {start} is not a multiple of batch_size {self.batch_size}")
         g = self.gallery
-        out = []
-        for lo in range(start, stop, self.batch_size):
-            images, texts = self.index.pairs(lo, min(lo + self.batch_size, stop))
-            examples = [self.tensorizer.example(g.texts[t], g.od_labels[i], g.regions[i]) for i, t in zip(images, texts)]
-            batch = collate(examples, self.device)
-            logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-            out.append(OscarForRetrieval.match_score(logits).cpu().numpy())
-        return start, np.concatenate(out).astype(np.float32)
+        images, texts = self.index.pairs(start, stop)
+        return start, self.scorer.score([(g.texts[t], g.od_labels[i], g.regions[i]) for i, t in zip(images, texts)])
 
 
 ACTOR_RESTARTS = 3
@@ -177,7 +155,6 @@ def score_pairs(
     num_actors: int,
     chunk_size: int,
     batch_size: int,
-    att_mask_type: MaskType = "CLR",
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
     config_overrides: dict[str, Any] | None = None,
@@ -206,7 +183,7 @@ def score_pairs(
     )
     gallery_ref = ray.put(gallery)
     actors = [
-        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, att_mask_type, num_gpus_per_actor > 0,
+        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, num_gpus_per_actor > 0,
                          config_overrides)
         for _ in range(min(num_actors, -(-total // chunk_size)))
     ]

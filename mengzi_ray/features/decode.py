@@ -7,7 +7,9 @@ Called once per input row by the extraction job's decode tasks and by the servin
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,8 +26,12 @@ class DecodeError(ValueError):
     """The bytes are not a decodable image, or it exceeds the pixel limit."""
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open, check the declared size against max_pixels, then load the pixels (so truncation shows up here)."""
+def _open(data: bytes, max_pixels: int, reduce_to: tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+    """(image, its stored width before any reduction): open, check the declared size against max_pixels, then load
+    the pixels (so truncation shows up here).
+
+    reduce_to: (min_size, max_size) of the consumer's resize: a JPEG at least twice that size is decoded at a
+    power-of-two reduction (libjpeg's DCT scaling, `Image.draft`) that stays at or above it."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -45,22 +51,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             )
         if width == 0 or height == 0:
             raise DecodeError(f"image has an empty size {width}x{height}")
+        if reduce_to is not None and image.format == "JPEG":
+            scale = min(reduce_to[0] / min(width, height), reduce_to[1] / max(width, height))
+            if scale <= 0.5:
+                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         try:
             image.load()
         except Exception as exc:
             raise DecodeError(f"corrupt or truncated {image.format} image data: {exc}") from None
-    return image
+    return image, width
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: 16/32-bit and float grey scaled to 8 bits, alpha composited on white, CMYK/P/L/YCbCr
     converted."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        # 16-bit PNGs (the common case) span 0..65535; a float or 32-bit image that stays within 8 bits is kept.
-        scale = 257.0 if values.max(initial=0.0) > 255.0 else 1.0
-        grey = np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return Image.fromarray(_grey8(np.asarray(image))).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -68,6 +74,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _grey8(values: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit or float grey → uint8. Integers in integer arithmetic (a 16 MP 16-bit image must not take a
+    float64 copy): values within 0..255 are kept, wider ones keep their top 8 of 16 bits (`>> 8`). Floats beyond
+    8 bits are read as 0..65535 the same way."""
+    if values.dtype.kind == "f":
+        values = np.nan_to_num(values, nan=0.0, posinf=65535.0, neginf=0.0)
+        wide = values.max(initial=0.0) > 255.0
+        return np.clip(values / 256.0 if wide else np.round(values), 0, 255).astype(np.uint8)
+    if values.max(initial=0) <= 255:
+        return np.clip(values, 0, 255).astype(np.uint8)
+    return (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+
+
+@dataclass
+class DecodedImage:
+    """An image decoded for a consumer that resizes it anyway (a detector): pixels, and original size / their size."""
+
+    pixels: np.ndarray  # (h, w, 3) uint8
+    scale: float  # multiply coordinates in `pixels` by this to get original pixels (1.0: not reduced)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_orientation: bool = True) -> np.ndarray:
@@ -80,18 +107,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_orie
     Multi-frame files (GIF, TIFF) give their first frame. Raises DecodeError for empty, unrecognised, truncated or
     corrupt data and for images with more than `max_pixels` pixels (checked before pixel data is decoded).
     """
+    return decode_image_for(data, max_pixels, None, exif_orientation=exif_orientation).pixels
+
+
+def decode_image_for(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: tuple[int, int] | None = None, *,
+                     exif_orientation: bool = True) -> DecodedImage:
+    """`decode_image` for a consumer that resizes to (min_size, max_size) (the serving ingress, for its detector):
+    a JPEG of at least twice that size decodes reduced by 2, 4 or 8 (cheaper by about that factor squared, still
+    at least the consumer's size), and `scale` maps its coordinates back to the original. Other formats, smaller
+    JPEGs and `reduce_to=None` decode at full size (scale 1.0). Errors as decode_image."""
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    image = _open(data, max_pixels)
+    image, stored_width = _open(data, max_pixels, reduce_to)
+    scale = stored_width / image.size[0]
     if not exif_orientation:
         try:
             rgb = image.convert("RGB")
         except Exception as exc:
             raise DecodeError(f"cannot convert {image.mode} image to RGB: {exc}") from None
-        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        return DecodedImage(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), scale)
     try:
         upright = ImageOps.exif_transpose(image)
     except Exception as exc:
         raise DecodeError(f"cannot apply EXIF orientation: {exc}") from None
     rgb = _to_rgb(upright if upright is not None else image)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return DecodedImage(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), scale)

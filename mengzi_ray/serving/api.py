@@ -27,7 +27,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from mengzi_ray.features.decode import DecodeError, decode_image
+from mengzi_ray.features.decode import DecodeError, decode_image_for
 from mengzi_ray.serving.captioning import CaptionJob, RegionSet
 from mengzi_ray.serving.errors import ApiError, BearerAuth, BodyLimitMiddleware, install_error_handlers
 from mengzi_ray.serving.page import DEMO_PAGE
@@ -36,6 +36,7 @@ from mengzi_ray.serving.schemas import (
     Body,
     CaptionRequest,
     ImageInput,
+    RegionsIn,
     SearchCaptionsRequest,
     SearchImagesRequest,
     component_schemas,
@@ -74,10 +75,42 @@ class ParsedImage:
     """An image route's input after parsing: a decoded image (with optional given boxes) or regions."""
 
     image: np.ndarray | None
-    boxes: np.ndarray | None
+    boxes: np.ndarray | None  # in the pixels of `image`
     regions: RegionSet | None
     region_boxes: list[list[float]] | None
+    scale: float  # original size / size of `image` (> 1 when a large JPEG was decoded reduced)
     decode_ms: float
+
+
+FEATURE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+MAX_FEATURE_DIM = 8192  # far above Oscar's 2054; bounds what one region row may claim
+
+
+def _region_array(regions: RegionsIn) -> np.ndarray:
+    """(N, D) float32 from either request form; the base64 form is read with one buffer copy, no per-number
+    Python work. Shape errors are 422s naming the field (the model's own D is checked by the deployment)."""
+    if regions.features is not None:
+        rows = regions.features
+        if len({len(row) for row in rows}) > 1:
+            raise ApiError(422, "bad_regions", "regions.features rows differ in length", "regions.features")
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), -1) if rows else np.zeros((0, 0), np.float32)
+    count, dim = regions.shape or (0, 0)
+    if not 0 < dim <= MAX_FEATURE_DIM:
+        raise ApiError(422, "bad_regions", f"regions.shape[1]={dim} must be between 1 and {MAX_FEATURE_DIM}", "regions.shape")
+    dtype = FEATURE_DTYPES[regions.dtype]
+    expected = count * dim * dtype.itemsize
+    # base64 length bounds the decoded size, so a lying shape is refused before anything is allocated
+    if len(regions.features_b64 or "") > 4 * (-(-expected // 3)):
+        raise ApiError(422, "bad_regions", f"regions.features_b64 is longer than shape {regions.shape} of {regions.dtype} "
+                       f"needs ({expected} bytes)", "regions.features_b64")
+    try:
+        raw = base64.b64decode(regions.features_b64 or "", validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "bad_base64", "regions.features_b64 is not valid base64", "regions.features_b64") from None
+    if len(raw) != expected:
+        raise ApiError(422, "bad_regions", f"regions.features_b64 holds {len(raw)} bytes; shape {regions.shape} of "
+                       f"{regions.dtype} needs {expected}", "regions.features_b64")
+    return np.frombuffer(raw, dtype=dtype).reshape(count, dim).astype(np.float32)
 
 
 async def _read_body(request: Request, model: type[BodyT]) -> tuple[BodyT, bytes | None]:
@@ -106,11 +139,16 @@ async def _read_body(request: Request, model: type[BodyT]) -> tuple[BodyT, bytes
     if not content_type.startswith("application/json"):
         raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
     raw = await request.body()
+    return await asyncio.to_thread(_parse_json, raw, model), None
+
+
+def _parse_json(raw: bytes, model: type[BodyT]) -> BodyT:
+    """Parse and validate a JSON body (in a worker thread: a body of JSON floats costs milliseconds)."""
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"body is not valid JSON: {exc}") from None
-    return _validate(model, payload), None
+    return _validate(model, payload)
 
 
 def _validate(model: type[BodyT], payload: Any) -> BodyT:
@@ -143,9 +181,11 @@ class Api:
         commit: str | None,
         allow_anonymous: bool = False,
         exif_orientation: bool = True,
+        reduce_to: tuple[int, int] | None = None,
     ):
         self.detector, self.captioner, self.retriever = detector, captioner, retriever
         self.exif_orientation = exif_orientation
+        self.reduce_to = reduce_to  # the detector's (test_min_size, test_max_size): large JPEGs decode reduced
         self.limits, self.default_num_beams, self.commit = limits, default_num_beams, commit
         self.auth = BearerAuth(auth_token_env, allow_anonymous)  # raises (the replica does not start) without a token
         _body_limit["bytes"] = limits.max_body_bytes
@@ -174,14 +214,13 @@ class Api:
         return result
 
     def _parse_image(self, body: ImageInput, upload: bytes | None) -> ParsedImage:
+        """Regions or a decoded image from the request; runs in a worker thread (decoding a large image takes
+        ~1 s of CPU, which must not stall the other requests on this replica's event loop)."""
         limit = self.limits.max_regions
         if body.regions is not None:
-            rows = body.regions.features
-            _bounded("regions", max(len(rows), len(body.regions.tags)), 0, limit, "limits.max_regions")
-            if len({len(row) for row in rows}) > 1:
-                raise ApiError(422, "bad_regions", "regions.features rows differ in length", "regions.features")
-            feats = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1) if rows else np.zeros((0, 0), np.float32)
-            return ParsedImage(None, None, RegionSet(feats, list(body.regions.tags)), body.regions.boxes, 0.0)
+            _bounded("regions", max(body.regions.count, len(body.regions.tags)), 0, limit, "limits.max_regions")
+            feats = _region_array(body.regions)
+            return ParsedImage(None, None, RegionSet(feats, list(body.regions.tags)), body.regions.boxes, 1.0, 0.0)
         start = time.perf_counter()
         if upload is None:
             try:
@@ -189,14 +228,14 @@ class Api:
             except (binascii.Error, ValueError):
                 raise ApiError(422, "bad_base64", "image_base64 is not valid base64", "image_base64") from None
         try:
-            image = decode_image(upload, self.limits.max_pixels, exif_orientation=self.exif_orientation)
+            decoded = decode_image_for(upload, self.limits.max_pixels, self.reduce_to, exif_orientation=self.exif_orientation)
         except DecodeError as exc:
             raise ApiError(422, "bad_image", f"image: {exc}", "image") from None
         boxes = None
         if body.boxes is not None:
             _bounded("boxes", len(body.boxes), 1, limit, "limits.max_regions")
-            boxes = np.asarray(body.boxes, dtype=np.float32)
-        return ParsedImage(image, boxes, None, None, (time.perf_counter() - start) * 1000)
+            boxes = np.asarray(body.boxes, dtype=np.float32) / decoded.scale  # into the reduced image's pixels
+        return ParsedImage(decoded.pixels, boxes, None, None, decoded.scale, (time.perf_counter() - start) * 1000)
 
     async def _regions(self, parsed: ParsedImage) -> tuple[RegionSet, dict[str, Any]]:
         """Region set for the models and the JSON the page draws (boxes, labels, tags, size)."""
@@ -204,11 +243,12 @@ class Api:
             return parsed.regions, {"boxes": parsed.region_boxes, "tags": parsed.regions.tags, "detect_ms": 0.0}
         start = time.perf_counter()
         found = await self._call(self.detector.detect, (parsed.image, parsed.boxes))
+        scale = parsed.scale
         return found.regions, {
-            "width": found.width,
-            "height": found.height,
+            "width": round(found.width * scale),
+            "height": round(found.height * scale),
             "boxes": [
-                {"box": box, "label": label, "tag": tag, "score": score}
+                {"box": [v * scale for v in box] if scale != 1.0 else box, "label": label, "tag": tag, "score": score}
                 for box, label, tag, score in zip(found.boxes, found.labels, found.regions.tags, found.scores)
             ],
             "tags": found.regions.tags,
@@ -249,7 +289,7 @@ class Api:
         body, upload = await _read_body(request, CaptionRequest)
         beams = _bounded("num_beams", body.num_beams or self.default_num_beams, 1, self.limits.max_beams, "limits.max_beams")
         top_n = _bounded("top_n", body.top_n, 1, beams, "at most num_beams")
-        parsed = self._parse_image(body, upload)
+        parsed = await asyncio.to_thread(self._parse_image, body, upload)
         regions, drawn = await self._regions(parsed)
         caption_start = time.perf_counter()
         result = await self._call(self.captioner.caption, CaptionJob(regions, beams, top_n))
@@ -289,7 +329,7 @@ class Api:
         self.auth.check(request)
         body, upload = await _read_body(request, SearchCaptionsRequest)
         k = _bounded("k", body.k, 1, self.limits.max_k, "limits.max_k")
-        regions, drawn = await self._regions(self._parse_image(body, upload))
+        regions, drawn = await self._regions(await asyncio.to_thread(self._parse_image, body, upload))
         return await self._search(SearchQuery(k=k, regions=regions), start, tags=drawn["tags"])
 
     @app.get("/v1/gallery/images/{image_id:path}")

@@ -1,13 +1,11 @@
-"""Caption inference for serving: a model dir → captions for a batch of region sets, no Ray involved.
+"""Caption requests for serving: a `@serve.batch` batch of region sets → captions, no Ray involved.
 
 The Serve `Captioner` deployment (deployments.py) calls `CaptionEngine.caption` once per `@serve.batch` batch;
 requests in one batch may ask for different beam counts, so they are grouped by (num_beams, top_n) and each group
-is one batched `generate` call.
+is one batched call of the model dir's `mengzi_ray.inference.Captioner` (layout, tags and decoding as evaluation).
 """
 
 from __future__ import annotations
-
-import logging
 
 import time
 from collections import defaultdict
@@ -15,16 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from mengzi_ray.modeling.model_dir import input_layout
-from mengzi_ray.data.captioning import CaptionTensorizer
-from mengzi_ray.evaluation.caption_inference import generation_layout
-from mengzi_ray.modeling import OscarForCaptioning
-from mengzi_ray.text import decode_caption, load_tokenizer, tag_string
+from mengzi_ray.inference import Captioner
 from mengzi_ray.text.tags import region_tags
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,28 +48,29 @@ class CaptionResult:
 
 
 class CaptionEngine:
-    """Loads an `OscarForCaptioning` dir once; captions batches of region sets on CPU or one GPU."""
+    """Groups a batch of caption requests by decoding settings and runs each group through one `Captioner`."""
 
-    def __init__(self, model_dir: str, *, max_gen_length: int = 20, length_penalty: float = 1.0, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = OscarForCaptioning.from_pretrained(model_dir).to(self.device).eval()
-        self.model_dir = str(model_dir)
-        source = self.model.source_dir or model_dir
-        self.tokenizer = load_tokenizer(source, do_lower_case=self.model.config.do_lower_case)
-        self.tensorizer = CaptionTensorizer(self.tokenizer, generation_layout(self.model.config, max_gen_length))
-        log.info("captioner %s: input layout %s", model_dir, input_layout(self.model.config))
-        self.max_gen_length = max_gen_length
-        self.length_penalty = length_penalty
+    def __init__(self, captioner: Captioner, model_dir: str):
+        self.captioner = captioner
+        self.model_dir = model_dir
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, *, max_gen_length: int = 20, length_penalty: float = 1.0,
+                       device: str | None = None, dtype: str | None = None) -> "CaptionEngine":
+        """`device` None: cuda if available; `dtype` None: the checkpoint's float32."""
+        # One @serve.batch batch is one generate call per (num_beams, top_n) group: no inner slicing.
+        captioner = Captioner.from_model_dir(model_dir, device, dtype, max_gen_length=max_gen_length,
+                                             length_penalty=length_penalty, batch_size=1024)
+        return cls(captioner, str(model_dir))
 
     @property
     def max_regions(self) -> int:
-        return self.tensorizer.layout.max_img_seq_length
+        return self.captioner.max_regions
 
     @property
     def feature_dim(self) -> int:
-        return self.tensorizer.layout.img_feature_dim
+        return self.captioner.feature_dim
 
-    @torch.no_grad()
     def caption(self, jobs: Sequence[CaptionJob]) -> list[CaptionResult]:
         """One result per job, in order. Regions beyond the model's max_img_seq_length are dropped (detector order
         is score order, so the weakest go) and `regions_used` says how many were kept."""
@@ -90,23 +82,13 @@ class CaptionEngine:
         results: list[CaptionResult | None] = [None] * len(jobs)
         for (num_beams, top_n), indices in groups.items():
             start = time.perf_counter()
-            examples = [
-                self.tensorizer.test_example(tag_string(jobs[i].regions.tags_for(self.model.config.tag_map)),
-                                             jobs[i].regions.features)
-                for i in indices
-            ]
-            batch = {k: torch.as_tensor(np.stack([e[k] for e in examples])).to(self.device) for k in examples[0]}
-            out = self.model.generate(
-                batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["img_feats"],
-                num_beams=num_beams, max_length=self.max_gen_length, length_penalty=self.length_penalty,
-                num_keep_best=top_n,
+            captions = self.captioner.caption(
+                [jobs[i].regions.features for i in indices],
+                [self.captioner.od_labels(jobs[i].regions.labels, jobs[i].regions.tags) for i in indices],
+                num_beams=num_beams, num_keep_best=top_n,
             )
             seconds = time.perf_counter() - start
-            for row, i in enumerate(indices):
-                captions = [
-                    (decode_caption(self.tokenizer, out.sequences[row, j].tolist()), float(out.scores[row, j].exp()))
-                    for j in range(top_n)
-                ]
+            for i, best in zip(indices, captions):
                 used = min(len(jobs[i].regions.tags), self.max_regions)
-                results[i] = CaptionResult(captions, used, len(jobs), seconds)
+                results[i] = CaptionResult(best, used, len(jobs), seconds)
         return [r for r in results if r is not None]

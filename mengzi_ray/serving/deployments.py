@@ -23,7 +23,8 @@ from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, CaptionResult, RegionSet
 from mengzi_ray.serving.errors import ApiError
 from mengzi_ray.serving.gallery import load_gallery
-from mengzi_ray.serving.retrieval import CrossEncoder, Hit, RetrievalEngine, SearchQuery
+from mengzi_ray.inference import MatchScorer
+from mengzi_ray.serving.retrieval import Hit, RetrievalEngine, SearchQuery
 from mengzi_ray.serving.settings import (
     BatchedReplicaSection,
     CaptionerSection,
@@ -194,7 +195,8 @@ class Detector:
 @serve.deployment(name="Captioner")
 class Captioner:
     def __init__(self, section: CaptionerSection):
-        self.engine = CaptionEngine(section.model_dir, max_gen_length=section.max_gen_length, length_penalty=section.length_penalty)
+        self.engine = CaptionEngine.from_model_dir(section.model_dir, max_gen_length=section.max_gen_length,
+                                                  length_penalty=section.length_penalty)
         self.stats = BatchStats()
         self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.caption, section)
@@ -208,20 +210,20 @@ class Captioner:
         return [err if err is not None else next(done) for err in errors]
 
     def info(self) -> dict[str, Any]:
-        cfg = self.engine.model.config
+        cfg = self.engine.captioner.config
         return {
             "model_dir": self.engine.model_dir,
             "hidden_size": cfg.hidden_size,
             "num_hidden_layers": cfg.num_hidden_layers,
             "vocab_size": cfg.vocab_size,
-            "max_gen_length": self.engine.max_gen_length,
+            "max_gen_length": self.engine.captioner.max_gen_length,
             "max_regions": self.engine.max_regions,
             "input_layout": input_layout(cfg),
             **self.stats.as_dict(),
         }
 
     def check_health(self) -> None:
-        if self.engine.model is None:
+        if self.engine.captioner.model is None:
             raise RuntimeError("caption model not loaded")
         self.watch.check("captioner")
 
@@ -233,10 +235,9 @@ class Retriever:
 
     def __init__(self, section: RetrieverSection):
         self.section = section
-        encoder = CrossEncoder(section.model_dir, chunk=section.rerank_chunk)
+        encoder = MatchScorer.from_model_dir(section.model_dir, batch_size=section.rerank_chunk)
         self.gallery_section = section.gallery
-        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.model.config.tag_map),
-                                      section.candidates)
+        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.config.tag_map), section.candidates)
         self.stats = BatchStats()
         self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.search, section)
@@ -244,7 +245,7 @@ class Retriever:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         wanted = GallerySection.model_validate(user_config.get("gallery") or self.section.gallery.model_dump())
         if wanted != self.gallery_section:
-            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.model.config.tag_map))
+            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.config.tag_map))
             self.gallery_section = wanted
             log.info("gallery reloaded: %d images from %s", len(self.engine.gallery), wanted.features)
 
@@ -254,7 +255,7 @@ class Retriever:
         errors: list[ApiError | None] = []
         for query in queries:
             if query.regions is not None:
-                errors.append(check_regions(query.regions, self.engine.encoder.tensorizer.layout.img_feature_dim))
+                errors.append(check_regions(query.regions, self.engine.encoder.feature_dim))
                 if errors[-1] is None and not self.engine.gallery.captions:
                     errors[-1] = ApiError(409, "no_caption_gallery", "this deployment has no caption gallery (gallery.texts)")
             else:
@@ -276,8 +277,8 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         gallery = self.engine.gallery
         return {
-            "model_dir": self.engine.encoder.model_dir,
-            "input_layout": input_layout(self.engine.encoder.model.config),
+            "model_dir": self.section.model_dir,
+            "input_layout": input_layout(self.engine.encoder.config),
             "gallery": self.gallery_section.features,
             "gallery_images": len(gallery),
             "gallery_captions": len(gallery.captions),

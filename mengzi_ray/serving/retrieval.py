@@ -11,8 +11,6 @@ cross-encoder. What this costs in recall against brute force is measured by benc
 
 from __future__ import annotations
 
-import logging
-
 import math
 import re
 from collections import Counter
@@ -21,20 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from mengzi_ray.modeling.model_dir import input_layout
-from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
-from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery
-from mengzi_ray.text import load_tokenizer, normalize_text, tag_string
+from mengzi_ray.text import normalize_text, tag_string
 
 _NOT_WORD = re.compile(r"[^\w]+")
-# What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
-LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
-
-log = logging.getLogger(__name__)
 
 
 def char_ngrams(text: str) -> list[str]:
@@ -90,34 +81,6 @@ def _l2_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return sp.diags(1.0 / norms) @ matrix
 
 
-class CrossEncoder:
-    """`OscarForRetrieval` scoring (caption, tags, regions) pairs in chunks; a score is P(match) in [0, 1]."""
-
-    def __init__(self, model_dir: str, *, chunk: int = 256, device: str | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device).eval()
-        self.model_dir = str(model_dir)
-        layout = RetrievalLayout(**{name: getattr(self.model.config, name) for name in LAYOUT_FIELDS})
-        tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=self.model.config.do_lower_case)
-        self.tensorizer = RetrievalTensorizer(tokenizer, layout)
-        log.info("retriever %s: input layout %s", model_dir, input_layout(self.model.config))
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def score(self, pairs: Sequence[tuple[str, RegionSet]]) -> np.ndarray:
-        """(caption, regions) pairs → (len(pairs),) float32 match probabilities."""
-        out = np.zeros(len(pairs), dtype=np.float32)
-        for start in range(0, len(pairs), self.chunk):
-            examples = [
-                self.tensorizer.example(text, tag_string(regions.tags_for(self.model.config.tag_map)), regions.features)
-                for text, regions in pairs[start : start + self.chunk]
-            ]
-            batch = {k: torch.as_tensor(np.stack([e[k] for e in examples])).to(self.device) for k in examples[0]}
-            logits = self.model(**batch).logits
-            out[start : start + len(examples)] = OscarForRetrieval.match_score(logits).cpu().numpy()
-        return out
-
-
 @dataclass
 class Hit:
     index: int  # into gallery images (image search) or gallery captions (caption search)
@@ -134,9 +97,10 @@ class SearchQuery:
 
 
 class RetrievalEngine:
-    """A gallery with its candidate indices and the cross-encoder. `candidates=None` means brute force."""
+    """A gallery with its candidate indices and the cross-encoder (the model dir's `MatchScorer`, layout and tag
+    map as evaluation). `candidates=None` means brute force."""
 
-    def __init__(self, encoder: CrossEncoder, gallery: Gallery, candidates: int | None):
+    def __init__(self, encoder: MatchScorer, gallery: Gallery, candidates: int | None):
         self.encoder = encoder
         self.candidates = candidates
         self.set_gallery(gallery)
@@ -155,22 +119,27 @@ class RetrievalEngine:
                 raise LookupError("the gallery has no captions (gallery.texts is not set)")
             assert query.regions is not None
             size = len(self.gallery.captions)
-            index, probe = self.caption_index, tag_string(query.regions.tags_for(self.encoder.model.config.tag_map))
+            index, probe = self.caption_index, self.encoder.od_labels(query.regions.labels, query.regions.tags)
         wanted = None if self.candidates is None else max(self.candidates, query.k)
         if wanted is None or wanted >= size:
             return np.arange(size)
         return index.query(probe, wanted)
 
+    def _image(self, regions: RegionSet) -> tuple[str, np.ndarray]:
+        """(od-label string in the model's tag map, region vectors) of one image."""
+        return self.encoder.od_labels(regions.labels, regions.tags), regions.features
+
     def search(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
         """Top-k hits per query, best first; all queries' candidate pairs go through one scoring pass."""
         shortlists = [self._shortlist(q) for q in queries]
-        pairs: list[tuple[str, RegionSet]] = []
+        pairs: list[Pair] = []
         for query, shortlist in zip(queries, shortlists):
             if query.text is not None:
-                pairs.extend((query.text, self.gallery.regions[i]) for i in shortlist)
+                pairs.extend(Pair(query.text, *self._image(self.gallery.regions[i])) for i in shortlist)
             else:
                 assert query.regions is not None
-                pairs.extend((self.gallery.captions[i], query.regions) for i in shortlist)
+                image = self._image(query.regions)
+                pairs.extend(Pair(self.gallery.captions[i], *image) for i in shortlist)
         scores = self.encoder.score(pairs)
         results, offset = [], 0
         for query, shortlist in zip(queries, shortlists):

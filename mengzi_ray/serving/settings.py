@@ -7,7 +7,7 @@ Paths are local paths or s3:// URIs (model dirs go through `mengzi_ray.storage`)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -131,6 +131,11 @@ class ServeAppConfig(Section):
         "empty token refuses to start",
     )
     default_num_beams: int = Field(3, ge=1)
+    resource_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="at start-up, when the cluster's nodes cannot place every deployment's min_replicas: refuse to "
+        "start naming the deployment (a fixed cluster, a laptop), or only warn (an autoscaling cluster adds nodes)",
+    )
 
     @model_validator(mode="after")
     def _default_within_limits(self) -> "ServeAppConfig":

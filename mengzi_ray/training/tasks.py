@@ -31,7 +31,7 @@ from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
-from mengzi_ray.modeling.inference import caption_images, collate
+from mengzi_ray.inference import Captioner, MatchScorer, collate
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
@@ -149,7 +149,8 @@ class CaptionTask(Task):
         with _no_drop_worst(model):
             losses = [(caption_loss(model, b).item(), b["input_ids"].shape[0]) for b in self._batches(examples, device)]
         c = self.card.caption
-        preds = caption_images(model, self.tokenizer, self.test_tz, val_rows, num_beams=c.num_beams, batch_size=self.card.validation.batch_size)
+        captioner = Captioner(model, self.tokenizer, max_gen_length=c.max_gen_length, batch_size=self.card.validation.batch_size)
+        preds = captioner.caption_records(val_rows, num_beams=c.num_beams)
         cider = score_captions({k: v for k, (v, _) in preds.items()}, {r.image_id: r.texts for r in val_rows}, metrics=("CIDEr",))
         return {"val_loss": _weighted_mean(losses), "val_cider": cider.scores["CIDEr"]}
 
@@ -193,13 +194,11 @@ class RetrievalTask(Task):
     @torch.no_grad()
     def validate(self, model: OscarForRetrieval, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
         """Cross-image ranking over the val gallery (every image × every text); val_loss = class-balanced CE."""
-        device = next(model.parameters()).device
         k = self.card.retrieval.val_captions_per_image
         texts = [(i, t) for i, r in enumerate(val_rows) for t in r.texts[:k]]
         text_to_image = np.array([i for i, _ in texts])
-        model.eval()
-        examples = [self.tz.example(t, r.od_labels, r.features) for r in val_rows for _, t in texts]
-        logits = torch.cat([model(**b).logits.float() for b in self._batches(examples, device)])
+        scorer = MatchScorer(model, self.tokenizer, batch_size=self.card.validation.batch_size)
+        logits = scorer.logits([(t, r.od_labels, r.features) for r in val_rows for _, t in texts])
         scores = OscarForRetrieval.match_score(logits).view(len(val_rows), len(texts)).cpu().numpy()
         match = torch.as_tensor(np.arange(len(val_rows))[:, None] == text_to_image[None, :]).view(-1).to(logits.device)
         ce = torch.nn.functional.cross_entropy(logits, match.long(), reduction="none")

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from mengzi_ray.config import ConfigError, validate_card
-from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.evaluation.caption_inference import generation_layout, predict_captions
+from mengzi_ray.evaluation.caption_inference import predict_captions
 from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
-from mengzi_ray.modeling.inference import caption_images
+from mengzi_ray.inference import Captioner
 
 NUM_VAL = 12
 MAX_GEN = 22
@@ -66,10 +65,7 @@ def test_ray_inference_matches_single_process_decoding(ray_local, caption_setup)
         str(data.features_path), str(model_dir), ids, num_beams=2, max_gen_length=MAX_GEN, num_actors=2, batch_size=4
     )
     assert table.column("image_id").to_pylist() == ids
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tensorizer = CaptionTensorizer(tokenizer, generation_layout(model.config, MAX_GEN))
-    local = caption_images(model, tokenizer, tensorizer, val, num_beams=2, batch_size=4)
+    local = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=MAX_GEN, batch_size=4).caption_records(val, num_beams=2)
     for image_id, caption, score in zip(*(table.column(c).to_pylist() for c in ("image_id", "caption", "score"))):
         assert caption == local[image_id][0]
         assert score == pytest.approx(local[image_id][1], rel=1e-4)

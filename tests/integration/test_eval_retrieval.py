@@ -20,7 +20,7 @@ from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.modeling import OscarConfig, OscarForRetrieval
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
-from mengzi_ray.modeling.inference import collate
+from mengzi_ray.inference import collate
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
 
 NUM_VAL = 20

@@ -17,7 +17,7 @@ from mengzi_ray.evaluation.card import EvaluateCard
 from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.features.schema import region_arrays
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, RegionSet
-from mengzi_ray.serving.retrieval import CrossEncoder
+from mengzi_ray.inference import MatchScorer
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training
 from tests.oscar_originals import (
@@ -103,10 +103,10 @@ def test_import_train_evaluate_serve_on_original_layouts(ray_local, tmp_path: Pa
     table = pq.read_table(coco_ir / "features")
     regions = [RegionSet(np.array(f), tags) for f, tags in zip(region_arrays(table.column("features")),
                                                                table.column("tags").to_pylist())]
-    encoder = CrossEncoder(retriever, device="cpu")
+    encoder = MatchScorer.from_model_dir(str(retriever), "cpu")
     assert encoder.tensorizer.layout.max_img_seq_length == 70
-    scores = encoder.score([("第1张图的第0句描述。", r) for r in regions[:3]])
+    scores = encoder.score([("第1张图的第0句描述。", encoder.od_labels(r.labels, r.tags), r.features) for r in regions[:3]])
     assert scores.shape == (3,) and ((scores > 0) & (scores < 1)).all()
-    engine = CaptionEngine(captioner, max_gen_length=8, device="cpu")
+    engine = CaptionEngine.from_model_dir(str(captioner), max_gen_length=8, device="cpu")
     result = engine.caption([CaptionJob(regions[0], num_beams=2, top_n=1)])[0]
     assert result.regions_used == min(6, len(regions[0].tags)) and len(result.captions) == 1

@@ -8,14 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mengzi_ray.config import load_card
-from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_metrics import tokenize_for_metrics
 from mengzi_ray.evaluation.cider_d import CiderD
-from mengzi_ray.modeling import OscarForCaptioning
-from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import caption_images
+from mengzi_ray.inference import Captioner
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training
 
@@ -24,14 +21,10 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 def cider_d(model_dir: str, data: Path, split: str) -> float:
     """Mean CIDEr-D of the model's greedy captions of the split's images (at most 100)."""
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    c = model.config
-    layout = CaptionLayout(c.max_seq_a_length, c.max_seq_length, c.max_img_seq_length).for_generation(22)
     train = load_image_records(data / "features/part-0.parquet", data / "text.jsonl", "train")
     images = load_image_records(data / "features/part-0.parquet", data / "text.jsonl", split)[:100]
     scorer = CiderD.from_references({r.image_id: [tokenize_for_metrics(t, "char") for t in r.texts] for r in train})
-    preds = caption_images(model, tokenizer, CaptionTensorizer(tokenizer, layout), images, num_beams=1)
+    preds = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=22).caption_records(images, num_beams=1)
     cands = [tokenize_for_metrics(preds[r.image_id][0], "char") for r in images]
     return float(scorer.score(cands, [[tokenize_for_metrics(t, "char") for t in r.texts] for r in images]).mean())
 

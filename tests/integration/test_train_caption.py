@@ -10,13 +10,10 @@ import json
 from pathlib import Path
 
 from mengzi_ray.config import load_card
-from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation import score_captions
-from mengzi_ray.modeling import OscarForCaptioning
-from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import caption_images
+from mengzi_ray.inference import Captioner
 from mengzi_ray.training.card import CaptionCard
 from mengzi_ray.training.jobs import exported_model_uri, run_training
 
@@ -24,12 +21,8 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def val_cider(model_dir: Path, data: Path, num_images: int) -> float:
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    c = model.config
-    layout = CaptionLayout(c.max_seq_a_length, c.max_seq_length, c.max_img_seq_length).for_generation(22)
     val = load_image_records(data / "features/part-0.parquet", data / "text.jsonl", "val")[:num_images]
-    preds = caption_images(model, tokenizer, CaptionTensorizer(tokenizer, layout), val, num_beams=5)
+    preds = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=22).caption_records(val, num_beams=5)
     refs = {r.image_id: r.texts for r in val}
     return score_captions({k: v for k, (v, _) in preds.items()}, refs, metrics=("CIDEr",)).scores["CIDEr"]
 

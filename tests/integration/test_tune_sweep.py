@@ -20,13 +20,9 @@ import pytest
 import yaml
 
 from mengzi_ray.config import ConfigError, validate_card
-from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.evaluation.caption_inference import generation_layout
-from mengzi_ray.modeling import OscarForCaptioning
-from mengzi_ray.text import load_tokenizer
-from mengzi_ray.modeling.inference import caption_images
+from mengzi_ray.inference import Captioner
 from mengzi_ray.training.tune import run_tune
 from mengzi_ray.training.tune_card import TuneCard
 
@@ -87,11 +83,8 @@ def check_finished_sweep(summary: dict, sweep: Path, synthetic: Path, data: dict
     model_dir = Path(summary["best"]["model"])
     card_json = json.loads((model_dir / "training_card.json").read_text())
     assert card_json["job_card"]["optim"]["learning_rate"] == pytest.approx(summary["best"]["params"]["learning_rate"])
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tensorizer = CaptionTensorizer(tokenizer, generation_layout(model.config, 22))
     val = load_image_records(synthetic / "features/part-0.parquet", synthetic / "text.jsonl", "val")[:2]
-    captions = caption_images(model, tokenizer, tensorizer, val, num_beams=2)
+    captions = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=22).caption_records(val, num_beams=2)
     assert set(captions) == {r.image_id for r in val}
     assert all(isinstance(text, str) and 0 < score <= 1 for text, score in captions.values())
 

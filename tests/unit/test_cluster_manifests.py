@@ -104,8 +104,11 @@ def test_training_cards_fit_the_gpu_group(card_name):
 
 # The only values the RayService may set differently from serve/config.yaml: where things are stored, how far they
 # scale and how they are reached (the local demo binds 127.0.0.1 and may be anonymous; a cluster binds 0.0.0.0 and
-# requires the token). Everything else (limits, batching, routes, the token's env var) must be the same config.
-CLUSTER_VALUES = {"model_dir", "features", "texts", "images_root", "num_gpus", "max_replicas", "host", "allow_anonymous"}
+# requires the token), the CPUs per replica (the demo shares a 2-core laptop) and whether unplaceable replicas are
+# refused (a fixed machine) or awaited (an autoscaling cluster). Everything else (limits, batching, routes, the
+# token's env var) must be the same config.
+CLUSTER_VALUES = {"model_dir", "features", "texts", "images_root", "num_gpus", "num_cpus", "max_replicas", "host",
+                  "allow_anonymous", "resource_check"}
 
 
 def without_cluster_values(node: object) -> object:

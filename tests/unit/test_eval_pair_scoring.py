@@ -56,7 +56,7 @@ def test_gallery_takes_first_k_captions_and_rejects_short_images():
 def test_scores_do_not_depend_on_chunking(model_dir):
     gallery = build_gallery(list(REFS), REFS, _regions(1), captions_per_image=2)
     pairs = CrossPairs(gallery.num_images, gallery.num_texts)
-    scorer = PairScorer(str(model_dir), gallery, pairs, batch_size=4, att_mask_type="CLR", use_gpu=False)
+    scorer = PairScorer(str(model_dir), gallery, pairs, batch_size=4, use_gpu=False)
     _, whole = scorer.score(0, pairs.num_pairs)
     pieces = [scorer.score(lo, min(lo + 8, pairs.num_pairs))[1] for lo in range(0, pairs.num_pairs, 8)]
     assert whole.shape == (18,) and whole.dtype == np.float32

@@ -18,7 +18,7 @@ from mengzi_ray.evaluation.jobs import _model_layout as model_layout_of
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, PairScorer, build_gallery
 from mengzi_ray.modeling import OscarConfig, OscarForRetrieval
 from mengzi_ray.modeling.model_dir import read_training_args
-from mengzi_ray.serving.retrieval import CrossEncoder
+from mengzi_ray.inference import MatchScorer
 from mengzi_ray.text import build_vocab, write_vocab
 
 LAYOUT_KEYS = ("max_seq_a_length", "max_seq_length", "max_img_seq_length", "add_od_labels", "do_lower_case",
@@ -96,16 +96,15 @@ def test_retrieval_dir_with_70_regions_is_evaluated_and_served_with_70(tmp_path:
     original = original_dir(tmp_path / "original", mengzi_args(att_mask_type="CLR"))
     gallery = build_gallery(list(REFS), REFS, regions(80), captions_per_image=2)
     for model_dir in (ours, original):
-        scorer = PairScorer(str(model_dir), gallery, CrossPairs(2, 4), batch_size=4, att_mask_type="CLR",
-                            use_gpu=False)
+        scorer = PairScorer(str(model_dir), gallery, CrossPairs(2, 4), batch_size=4, use_gpu=False).scorer
         assert scorer.tensorizer.layout.max_img_seq_length == 70
         example = scorer.tensorizer.example(REFS["a"][0], "圆形", gallery.regions[0], 1)
         assert example["img_feats"].shape == (70, 2054)
-        served = CrossEncoder(str(model_dir), device="cpu")
+        served = MatchScorer.from_model_dir(str(model_dir), "cpu")
         assert served.tensorizer.layout.max_img_seq_length == 70
     cased = original_dir(tmp_path / "cased", mengzi_args(att_mask_type="CLR", do_lower_case=False))
-    assert CrossEncoder(str(cased), device="cpu").tensorizer.tokenizer.do_lower_case is False  # casing recorded
-    assert CrossEncoder(str(ours), device="cpu").tensorizer.tokenizer.do_lower_case is True
+    assert MatchScorer.from_model_dir(str(cased), "cpu").tensorizer.tokenizer.do_lower_case is False  # casing recorded
+    assert MatchScorer.from_model_dir(str(ours), "cpu").tensorizer.tokenizer.do_lower_case is True
 
 
 def test_evaluate_card_contradicting_the_dir_is_refused(tmp_path: Path) -> None:
@@ -161,10 +160,10 @@ def test_serving_feeds_a_released_dir_the_tags_of_its_map(tmp_path: Path) -> Non
     from mengzi_ray.serving.captioning import RegionSet
 
     model_dir = original_dir(tmp_path / "released", mengzi_args(att_mask_type="CLR"))  # tag map langboat
-    encoder = CrossEncoder(str(model_dir), device="cpu")
+    encoder = MatchScorer.from_model_dir(str(model_dir), "cpu")
     feats = np.random.default_rng(0).normal(size=(1, 2054)).astype(np.float32)
     detected = RegionSet(feats, ["机场"], ["airport"])  # the detector's corrected tag + its English label
     assert detected.tags_for("langboat") == ["航空站"] and detected.tags_for(None) == ["机场"]
-    scores = encoder.score([("红色的圆形", detected), ("红色的圆形", RegionSet(feats, ["航空站"])),
-                            ("红色的圆形", RegionSet(feats, ["机场"]))])
+    scores = encoder.score([("红色的圆形", encoder.od_labels(r.labels, r.tags), r.features)
+                            for r in (detected, RegionSet(feats, ["航空站"]), RegionSet(feats, ["机场"]))])
     assert scores[0] == scores[1] and scores[0] != scores[2]

@@ -16,7 +16,8 @@ from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, RegionSet
 from mengzi_ray.serving.errors import ApiError, BodyLimitMiddleware
 from mengzi_ray.serving.gallery import load_gallery, read_caption_rows
-from mengzi_ray.serving.retrieval import CrossEncoder, NgramIndex, RetrievalEngine, SearchQuery, char_ngrams
+from mengzi_ray.inference import MatchScorer
+from mengzi_ray.serving.retrieval import NgramIndex, RetrievalEngine, SearchQuery, char_ngrams
 from mengzi_ray.serving.schemas import CaptionRequest, RegionsIn, component_schemas, request_body
 from mengzi_ray.serving.settings import BatchedReplicaSection, GallerySection, ServeAppConfig
 from tests.tiny_models import write_tiny_models
@@ -66,7 +67,7 @@ def test_ngram_index_ranks_overlap_first_and_ignores_unknown_grams():
 
 def test_caption_engine_batches_mixed_beam_requests(tiny):
     _, caption_dir, _, gallery = tiny
-    engine = CaptionEngine(str(caption_dir), max_gen_length=12)
+    engine = CaptionEngine.from_model_dir(str(caption_dir), max_gen_length=12)
     jobs = [CaptionJob(gallery.regions[0], 3, 2), CaptionJob(gallery.regions[1], 1, 1), CaptionJob(gallery.regions[0], 3, 1)]
     results = engine.caption(jobs)
     assert [len(r.captions) for r in results] == [2, 1, 1]
@@ -83,7 +84,7 @@ def test_caption_engine_batches_mixed_beam_requests(tiny):
 
 def test_two_stage_search_matches_brute_force_when_shortlist_covers_gallery(tiny):
     _, _, retrieval_dir, gallery = tiny
-    encoder = CrossEncoder(str(retrieval_dir), chunk=4)
+    encoder = MatchScorer.from_model_dir(str(retrieval_dir), batch_size=4)
     brute = RetrievalEngine(encoder, gallery, candidates=None)
     full = RetrievalEngine(encoder, gallery, candidates=len(gallery.captions))  # covers both galleries
     narrow = RetrievalEngine(encoder, gallery, candidates=2)
@@ -91,7 +92,7 @@ def test_two_stage_search_matches_brute_force_when_shortlist_covers_gallery(tiny
     b, f, n = brute.search(queries), full.search(queries), narrow.search(queries)
     assert [[h.index for h in hits] for hits in b] == [[h.index for h in hits] for hits in f]
     assert [len(hits) for hits in n] == [3, 4]  # the shortlist grows to k
-    pairs = [("红色的圆形", gallery.regions[h.index]) for h in b[0]]
+    pairs = [("红色的圆形", " ".join(gallery.regions[h.index].tags), gallery.regions[h.index].features) for h in b[0]]
     np.testing.assert_allclose(encoder.score(pairs), [h.score for h in b[0]], rtol=1e-5)
     assert [h.score for h in b[0]] == sorted((h.score for h in b[0]), reverse=True)
 
