@@ -18,7 +18,7 @@ from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.evaluation.feature_io import od_label_string, read_feature_dataset
 from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
-from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.modeling.inference import caption_images
@@ -58,7 +58,7 @@ class CaptionPredictor:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns = zip(batch.column("image_id").to_pylist(), region_arrays(batch.column("features")),
+        columns = zip(batch.column("image_id").to_pylist(), region_arrays_of(batch),
                       batch.column("tags").to_pylist(), batch.column("labels").to_pylist())
         tag_map = self.model.config.tag_map
         records = [ImageRecord(image_id, regions, od_label_string(labels, tags, tag_map), [])

@@ -32,6 +32,7 @@ from mengzi_ray.features.decode import decode_image
 from mengzi_ray.features.detectors.base import Detections, build_detector, detections_to_row
 from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.inputs import list_inputs, read_uri
+from mengzi_ray.features.layout import parquet_options, to_layout
 from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,8 @@ def drop_error_rows(output: str, image_ids: set[str]) -> None:
         storage.publish_file(fs, staged, path)
 
 
-def _features_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["stage"], "")).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
+def _features_only(batch: pa.Table, layout: str = "nested") -> pa.Table:
+    return to_layout(batch.filter(pc.equal(batch["stage"], "")).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA), layout)
 
 
 def _errors_only(batch: pa.Table, job_id: str) -> pa.Table:
@@ -267,7 +268,9 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
     done = len(rows) - sum(counts.values())
     staging = f"{root}/_staging/{job_id}-{uuid.uuid4().hex[:8]}"
     if done:
-        results.map_batches(_features_only, batch_format="pyarrow").write_parquet(f"{staging}/features", filesystem=fs)
+        results.map_batches(_features_only, fn_kwargs={"layout": card.feature_layout}, batch_format="pyarrow").write_parquet(
+            f"{staging}/features", filesystem=fs, **parquet_options(FEATURES_SCHEMA)
+        )
     if done < len(rows):
         results.map_batches(_errors_only, fn_kwargs={"job_id": job_id}, batch_format="pyarrow").write_parquet(
             f"{staging}/errors", filesystem=fs
