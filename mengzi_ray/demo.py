@@ -195,8 +195,8 @@ def print_next_steps(out: Path, results: dict[str, Any]) -> None:
 
 
 def main(out_dir: str, fast: bool = False) -> int:
-    # the jobs' INFO lines repeat what the stage lines say (`mengzi-ray <command>` keeps them)
-    logging.getLogger("mengzi_ray").setLevel(logging.WARNING)
+    # the jobs' and HTTP clients' INFO lines repeat what the stage lines say (`mengzi-ray <command>` keeps them)
+    logging.getLogger().setLevel(logging.WARNING)
     start = time.perf_counter()
     results, stages = run_demo(out_dir, fast=fast)
     print_next_steps(Path(out_dir).resolve(), results)

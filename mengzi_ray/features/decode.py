@@ -2,6 +2,8 @@
 
 Called once per input row by the extraction job's decode tasks and by the serving ingress; a failure raises
 :class:`DecodeError` (a ValueError) whose message says what is wrong with the bytes, never a PIL-internal trace.
+Also the torchvision_c4 detector's resize rule (`resized_size`, `resize_for_detector`), which the decode tasks
+apply before shipping an image to the detector actors (`shipping_size`), so only detector-sized pixels travel.
 """
 
 from __future__ import annotations
@@ -95,3 +97,35 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, exif_orie
         raise DecodeError(f"cannot apply EXIF orientation: {exc}") from None
     rgb = _to_rgb(upright if upright is not None else image)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """maskrcnn_benchmark data/transforms/transforms.py Resize.get_size: (width, height) after resizing, with its
+    int() truncation (the torchvision_c4 detector's input size)."""
+    size = min_size
+    short, long = float(min(width, height)), float(max(width, height))
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return width, height
+    if width < height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_for_detector(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → the image at resized_size, resized as the torchvision_c4 detector does (PIL bilinear on
+    the 8-bit image); always a new, writable array."""
+    height, width = image.shape[:2]
+    size = resized_size(width, height, min_size, max_size)
+    if size == (width, height):
+        return np.array(image, dtype=np.uint8)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize(size, Image.BILINEAR)
+    return np.array(pil, dtype=np.uint8)
+
+
+def shipping_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size an extraction decode task ships an image at: the detector's input size when the detector would
+    not resize that again (then its input is bit-identical to resizing the original), else the original size."""
+    target = resized_size(width, height, min_size, max_size)
+    return target if resized_size(*target, min_size, max_size) == target else (width, height)
