@@ -58,10 +58,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → RGB: 16/32-bit and float grey scaled to 8 bits, alpha composited on white, CMYK/P/L/YCbCr
     converted."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        # 16-bit PNGs (the common case) span 0..65535; a float or 32-bit image that stays within 8 bits is kept.
-        scale = 257.0 if values.max(initial=0.0) > 255.0 else 1.0
-        grey = np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
+        # 16-bit PNGs (the common case) span 0..65535 and are scaled by 1/257; a float or 32-bit image that stays
+        # within 8 bits is kept.
+        values = np.asarray(image)
+        if values.dtype.kind == "f":
+            scale = 257.0 if values.max(initial=0.0) > 255.0 else 1.0
+            grey = np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
+        else:  # integers stay integers: one 4-byte (8 for 32-bit input) copy, not float64 transients
+            wide = values.astype(np.int64 if values.dtype.itemsize >= 4 else np.int32)
+            if wide.max(initial=0) > 255:
+                # round(v / 257) exactly: v / 257 never ends in .5 (257 is odd), so it is floor((v + 128) / 257)
+                wide += 128
+                wide //= 257
+            grey = np.clip(wide, 0, 255, out=wide).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
