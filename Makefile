@@ -1,4 +1,5 @@
-# `make test` and `make demo` each create .venv and install on first use (torch from the local wheel store via pip).
+# `make test` and `make demo` each install the Debian packages they need (system-deps) and create .venv on first use
+# (torch from the local wheel store via pip).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -15,22 +16,27 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q --durations=30 tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-demo: $(STAMP)
+demo: system-deps $(STAMP)
 	$(BIN)/mengzi-ray demo --out outputs/demo
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
-# Debian packages the test suite uses: headless Chromium (web demo page test) and a CJK font (report images).
+# Debian packages the suite and the demo use: headless Chromium (web page test), a CJK font (evaluation report
+# images), Java (METEOR and the PTB tokenizer). `make test` and `make demo` run this first: as root it installs what
+# is missing; otherwise it stops at once with the one command to run.
+SYSTEM_PACKAGES := chromium fonts-wqy-microhei default-jre-headless
 system-deps:
-	@if [ -x /usr/bin/chromium ] && fc-list | grep -qi wqy && command -v java >/dev/null; then echo "system packages present"; \
-	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei default-jre-headless; fi
+	@if [ -x /usr/bin/chromium ] && ls /usr/share/fonts/truetype/wqy/wqy-microhei.ttc >/dev/null 2>&1 && command -v java >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	else echo "missing Debian packages ($(SYSTEM_PACKAGES)); run once:  sudo make system-deps" >&2; exit 1; fi
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,10 +1,12 @@
-"""Feature read throughput: our Parquet (Arrow → numpy views) vs the Oscar TSV base64 reader, same 5,000 rows.
+"""Feature read throughput: our Parquet layouts vs the Oscar TSV base64 reader, same 5,000 rows.
 
-Both sides produce, for every row, the image key and an (N, 2054) float32 matrix, reading the whole file from
-the local disk (page cache warm after the first repeat; both alike). Baseline: Oscar's TSVFile reading, i.e. split
+Every reader produces, for every row, the image key and an (N, 2054) float32 matrix, reading the whole file from
+the local disk (page cache warm after the first repeat; all alike). Baseline: Oscar's TSVFile reading, i.e. split
 each line on tabs, base64-decode the last column, np.frombuffer → reshape (num_boxes, 2054). Ours: pyarrow.parquet
-iter_batches + features.schema.region_arrays. Also shown: the per-cell Python-list path (`to_pylist` +
-region_matrix) that data/records.py uses today.
+iter_batches (image_id and features only: column projection) + features.layout.region_arrays_of, for the nested
+layout (list<fixed_size_list<float32>>), the packed float32 layout and packed float16 (lossy, upcast on read).
+Also shown: the per-cell Python-list path (`to_pylist` + region_matrix), and the physical reference: `np.fromfile`
+of the same float32 bytes as one raw file; MB/s counts the float32 bytes every reader hands out.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import pyarrow.parquet as pq
 import torch
 from common import git_commit, median, print_table, write_results
 
+from mengzi_ray.features.layout import LAYOUTS, region_arrays_of, to_layout, write_features
 from mengzi_ray.features.oscar_tsv import encode_regions
-from mengzi_ray.features.schema import FEATURES_SCHEMA, REGION_DIM, region_arrays, region_matrix
+from mengzi_ray.features.schema import FEATURES_SCHEMA, REGION_DIM, region_matrix
 
 SCRIPT = "bench_feature_read"
 ROWS = 5000
@@ -30,25 +33,28 @@ REPEATS = 3
 SEED = 0
 
 
-def write_both(directory: Path) -> tuple[Path, Path]:
-    """The same ROWS random rows as our Parquet and as a VinVL features.tsv."""
+def write_all(directory: Path) -> dict[str, Path]:
+    """The same ROWS random rows as a VinVL features.tsv, our Parquet in every layout, and the raw float32 bytes."""
     rng = np.random.default_rng(SEED)
-    parquet, tsv = directory / "features.parquet", directory / "features.tsv"
-    writer = pq.ParquetWriter(parquet, FEATURES_SCHEMA)
-    with open(tsv, "w", encoding="ascii") as out:
+    paths = {"tsv": directory / "features.tsv", "raw": directory / "features.f32"}
+    parts: list[pa.Table] = []
+    with open(paths["tsv"], "w", encoding="ascii") as out, open(paths["raw"], "wb") as raw:
         for start in range(0, ROWS, 500):
             rows = []
             for i in range(start, start + 500):
                 vectors = rng.random((REGIONS, REGION_DIM), dtype=np.float32)
                 out.write(f"img{i}\t{REGIONS}\t{encode_regions(vectors)}\n")
+                raw.write(vectors.tobytes())
                 rows.append({"image_id": f"img{i}", "source": f"s3://b/img{i}.jpg", "width": 640, "height": 480,
-                             "boxes": [[0, 0, 1, 1]] * REGIONS, "features": vectors, "scores": [1.0] * REGIONS,
+                             "boxes": [[0, 0, 1, 1]] * REGIONS, "features": list(vectors), "scores": [1.0] * REGIONS,
                              "labels": ["dog"] * REGIONS, "tags": ["狗"] * REGIONS, "attributes": [],
                              "detector": "bench"})
-            writer.write_table(pa.Table.from_pylist(
-                [{**r, "features": list(r["features"])} for r in rows], schema=FEATURES_SCHEMA))
-    writer.close()
-    return parquet, tsv
+            parts.append(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA))
+    table = pa.concat_tables(parts)
+    for layout in LAYOUTS:
+        paths[layout] = directory / f"features.{layout}.parquet"
+        write_features(to_layout(table, layout), str(paths[layout]))
+    return paths
 
 
 def read_tsv(path: Path) -> int:
@@ -63,11 +69,17 @@ def read_tsv(path: Path) -> int:
 
 def read_parquet_arrow(path: Path) -> int:
     count = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=512, columns=["image_id", "features"]):
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=512, columns=["image_id", "features"]):
         keys = batch.column(0).to_pylist()
-        for key, matrix in zip(keys, region_arrays(batch.column(1))):
+        for key, matrix in zip(keys, region_arrays_of(batch)):
             count += matrix.shape[0] == REGIONS
     return count
+
+
+def read_raw(path: Path) -> int:
+    """The physical reference: the same float32 bytes in one file, one np.fromfile."""
+    return np.fromfile(path, dtype=np.float32).reshape(-1, REGIONS, REGION_DIM).shape[0]
 
 
 def read_parquet_pylist(path: Path) -> int:
@@ -80,24 +92,32 @@ def read_parquet_pylist(path: Path) -> int:
 
 def main() -> None:
     commit = git_commit()
+    float_mb = ROWS * REGIONS * REGION_DIM * 4 / 1e6
     with tempfile.TemporaryDirectory() as tmp:
-        parquet, tsv = write_both(Path(tmp))
-        sizes = {"parquet_MB": round(parquet.stat().st_size / 1e6, 1), "tsv_MB": round(tsv.stat().st_size / 1e6, 1)}
-        readers = {"oscar_tsv_base64": read_tsv, "parquet_arrow": read_parquet_arrow,
-                   "parquet_pylist": read_parquet_pylist}
+        paths = write_all(Path(tmp))
+        sizes = {f"{name}_MB": round(path.stat().st_size / 1e6, 1) for name, path in paths.items()}
+        readers = {
+            "oscar_tsv_base64": (read_tsv, paths["tsv"]),
+            "parquet_nested_pylist": (read_parquet_pylist, paths["nested"]),
+            **{f"parquet_{layout}": (read_parquet_arrow, paths[layout]) for layout in LAYOUTS},
+            "np_fromfile_raw": (read_raw, paths["raw"]),
+        }
         times: dict[str, list[float]] = {name: [] for name in readers}
         for _ in range(REPEATS):
-            for name, reader in readers.items():
+            for name, (reader, path) in readers.items():
                 start = time.perf_counter()
-                assert reader(parquet if name.startswith("parquet") else tsv) == ROWS
+                assert reader(path) == ROWS
                 times[name].append(time.perf_counter() - start)
     base = ROWS / median(times["oscar_tsv_base64"])
-    results = {name: {"rows_per_s": round(ROWS / median(t), 1), "seconds": [round(x, 3) for x in t],
-                      "ratio_vs_tsv": round(ROWS / median(t) / base, 2)} for name, t in times.items()}
-    print_table(["reader", "rows/s", "ratio vs Oscar TSV"],
-                [[n, r["rows_per_s"], r["ratio_vs_tsv"]] for n, r in results.items()])
+    raw = ROWS / median(times["np_fromfile_raw"])
+    results = {name: {"rows_per_s": round(ROWS / median(t), 1), "float32_MB_per_s": round(float_mb / median(t), 1),
+                      "seconds": [round(x, 3) for x in t], "ratio_vs_tsv": round(ROWS / median(t) / base, 2),
+                      "fraction_of_fromfile": round(ROWS / median(t) / raw, 3)} for name, t in times.items()}
+    print_table(["reader", "rows/s", "MB/s (float32)", "ratio vs Oscar TSV", "of np.fromfile"],
+                [[n, r["rows_per_s"], r["float32_MB_per_s"], r["ratio_vs_tsv"], r["fraction_of_fromfile"]]
+                 for n, r in results.items()])
     print(f"files: {sizes}")
-    settings = {"rows": ROWS, "regions_per_row": REGIONS, "repeats": REPEATS, **sizes}
+    settings = {"rows": ROWS, "regions_per_row": REGIONS, "repeats": REPEATS, "float32_MB": round(float_mb, 1), **sizes}
     print(write_results(SCRIPT, torch.device("cpu"), commit, settings, results))
 
 

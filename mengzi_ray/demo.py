@@ -9,6 +9,10 @@ cluster, fed the tiny cards in `jobs/` with their paths pointed under `out_dir`:
 The detector of the tiny extract card has random weights (its features mean nothing); the training stages read
 the synthetic set's given-box region features instead, which carry the colours, shapes and positions a caption
 talks about. That is said in the banner, not hidden.
+
+Console (console.py): Ray's own progress bars and worker output are off (worker logs stay in the Ray session's
+log dir, named at the end); each stage has one live line while it runs and one result line when it ends, and the
+run ends with a table of every stage's time and result.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Any
 import httpx
 
 from mengzi_ray.config import COMMANDS, load_card
+from mengzi_ray.console import StageProgress, format_seconds, quiet_ray
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.ray_runtime import ensure_ray
+from mengzi_ray.ray_runtime import start_local_ray
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve" / "config.yaml"
@@ -35,14 +40,28 @@ def banner(index: int, text: str) -> None:
     print(f"\n=== [{index}/{STAGES}] {text} " + "=" * max(0, 64 - len(text)), flush=True)
 
 
-def run_job(command: str, card_file: str, overrides: list[str]) -> dict[str, Any]:
-    """Validate a tiny card with `overrides` and run its job in this driver; prints the `mengzi-ray` equivalent."""
-    print(f"$ mengzi-ray {command} --config jobs/{card_file} " + " ".join(f"--set {o}" for o in overrides), flush=True)
-    card = load_card(COMMANDS[command].card_class(), JOBS_DIR / card_file, overrides)
-    start = time.perf_counter()
-    summary = COMMANDS[command].job_function()(card)
-    print(f"({command} took {time.perf_counter() - start:.0f}s)", flush=True)
-    return summary
+class Stages:
+    """Runs the demo's stages, each under one StageProgress, and keeps (stage, seconds, result) for the summary."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str]] = []
+
+    def run_job(self, command: str, card_file: str, overrides: list[str], result: Any = None) -> dict[str, Any]:
+        """Validate a tiny card with `overrides` and run its job in this driver; prints the `mengzi-ray` equivalent.
+        `result(summary) -> str` makes the stage's result line."""
+        print(f"$ mengzi-ray {command} --config jobs/{card_file} " + " ".join(f"--set {o}" for o in overrides), flush=True)
+        card = load_card(COMMANDS[command].card_class(), JOBS_DIR / card_file, overrides)
+        with StageProgress(command) as progress:
+            summary = COMMANDS[command].job_function()(card)
+            progress.done(result(summary) if result else "")
+        self.rows.append((command, progress.seconds, progress.result))
+        return summary
+
+    def table(self) -> str:
+        width = max(len(name) for name, _, _ in self.rows)
+        lines = [f"  {'stage':<{width}}  {'time':>5}  result"]
+        lines += [f"  {name:<{width}}  {format_seconds(seconds):>5}  {result}" for name, seconds, result in self.rows]
+        return "\n".join(lines)
 
 
 def free_port() -> int:
@@ -83,56 +102,74 @@ def serve_and_ask(out: Path, data_dir: Path, caption_model: str, retrieval_model
     return answers
 
 
-def run_demo(out_dir: str | Path, *, fast: bool = False) -> dict[str, Any]:
-    """Run every stage under `out_dir` on the embedded Ray; returns what each stage reported.
+def _val_metrics(summary: dict[str, Any]) -> str:
+    """A training summary's final validation metrics, e.g. `step 800, val_cider 2.31, val_loss 1.92`."""
+    final = summary.get("final_metrics", {})
+    shown = [f"{k} {v:.3f}" for k, v in final.items() if k.startswith("val_") and isinstance(v, (int, float))]
+    return ", ".join([f"step {summary.get('steps', 0)}"] + shown[:3])
+
+
+def run_demo(out_dir: str | Path, *, fast: bool = False) -> tuple[dict[str, Any], Stages]:
+    """Run every stage under `out_dir` on the embedded Ray; returns what each stage reported and the stage table.
 
     fast: fewer training steps (a smoke run of the same code, not a learning run).
     """
     out = Path(out_dir).resolve()
     caption_steps, pretrain_steps, retrieval_steps = (60, 20, 20) if fast else (800, 100, 150)
-    ensure_ray(load_card(COMMANDS["extract"].card_class(), JOBS_DIR / "extract_tiny.yaml").ray)
-    results: dict[str, Any] = {}
+    ray_section = load_card(COMMANDS["extract"].card_class(), JOBS_DIR / "extract_tiny.yaml").ray
+    context = start_local_ray(ray_section.num_cpus, include_dashboard=False, **quiet_ray())
+    results: dict[str, Any] = {"ray_logs": str(Path(context.address_info["session_dir"]) / "logs")}
+    stages = Stages()
 
     banner(1, f"synthetic Chinese image-caption set → {out / 'data'}")
-    ds = write_synthetic_dataset(out / "data", num_train=200, num_val=40, seed=0)
-    print(f"{ds.num_train} train + {ds.num_val} val images, {ds.num_captions} captions; "
-          f"given-box region features in {ds.features_path}")
+    with StageProgress("synthetic") as progress:
+        ds = write_synthetic_dataset(out / "data", num_train=200, num_val=40, seed=0)
+        progress.done(f"{ds.num_train} train + {ds.num_val} val images, {ds.num_captions} captions; "
+                      f"given-box region features in {ds.features_path}")
+    stages.rows.append(("synthetic", progress.seconds, f"{ds.num_train} + {ds.num_val} images"))
 
     banner(2, "extract: Ray Data → detector actors (random-init tiny detector) → features/ + errors/")
-    results["extract"] = run_job("extract", "extract_tiny.yaml", [f"input.uri={ds.images_dir}", f"output={out / 'extracted'}"])
-    summary = results["extract"]
-    print(f"{summary['inputs']} images: {summary['done']} extracted, {summary['failed_total']} failed, "
-          f"{summary['images_per_s']:.1f} images/s (random detector weights: training below reads the given-box features)")
+    results["extract"] = stages.run_job(
+        "extract", "extract_tiny.yaml", [f"input.uri={ds.images_dir}", f"output={out / 'extracted'}"],
+        lambda s: f"{s['inputs']} images: {s['done']} extracted, {s['failed_total']} failed, {s['images_per_s']:.1f} "
+                  "images/s (random detector weights: training below reads the given-box features)")
 
     data = [f"data.features={ds.features_path.parent}", f"data.text={ds.text_path}", f"run.storage_path={out / 'runs'}"]
     banner(3, f"pretrain: Ray Train, 2 workers, {pretrain_steps} steps (MLM + 3-way image-text match)")
-    results["pretrain"] = run_job("pretrain", "pretrain_tiny.yaml", data + [
-        "run.name=pretrain", f"schedule.max_steps={pretrain_steps}", f"validation.every_steps={pretrain_steps}"])
+    results["pretrain"] = stages.run_job("pretrain", "pretrain_tiny.yaml", data + [
+        "run.name=pretrain", f"schedule.max_steps={pretrain_steps}", f"validation.every_steps={pretrain_steps}"],
+        _val_metrics)
 
     banner(4, f"fine-tune captioning from the pretrained model: {caption_steps} steps")
-    results["caption"] = run_job("finetune-caption", "caption_tiny.yaml", data + [
+    results["caption"] = stages.run_job("finetune-caption", "caption_tiny.yaml", data + [
         "run.name=caption", f"schedule.max_steps={caption_steps}", f"validation.every_steps={max(caption_steps // 4, 1)}",
-        "model.tiny=null", f"model.init_from={results['pretrain']['model_dir']}"])
+        "model.tiny=null", f"model.init_from={results['pretrain']['model_dir']}"], _val_metrics)
 
     banner(5, f"fine-tune retrieval: {retrieval_steps} steps")
-    results["retrieval"] = run_job("finetune-retrieval", "retrieval_tiny.yaml", data + [
-        "run.name=retrieval", f"schedule.max_steps={retrieval_steps}", f"validation.every_steps={retrieval_steps}"])
+    results["retrieval"] = stages.run_job("finetune-retrieval", "retrieval_tiny.yaml", data + [
+        "run.name=retrieval", f"schedule.max_steps={retrieval_steps}", f"validation.every_steps={retrieval_steps}"],
+        _val_metrics)
 
     banner(6, "evaluate the captioner on val: Ray Data model actors, beam 5, BLEU/METEOR/ROUGE-L/CIDEr")
-    results["evaluate"] = run_job("evaluate", "eval_caption_tiny.yaml", [
+    results["evaluate"] = stages.run_job("evaluate", "eval_caption_tiny.yaml", [
         f"model_dir={results['caption']['model_dir']}", f"features={ds.features_path.parent}",
-        f"references={ds.text_path}", f"output_dir={out / 'eval'}"])
+        f"references={ds.text_path}", f"output_dir={out / 'eval'}"],
+        lambda s: f"{s['num_images']} val images, CIDEr (char) {s['metrics']['char']['CIDEr']:.3f}")
     for tokenization, scores in results["evaluate"]["metrics"].items():
         print(f"{tokenization:>6}: " + "  ".join(f"{name} {value:.3f}" for name, value in scores.items()))
     print(f"report: {results['evaluate']['files'].get('report', out / 'eval')}")
 
     banner(7, "serve: Ray Serve app (detector → captioner, retriever) on 127.0.0.1, asked over HTTP")
-    results["serve"] = serve_and_ask(out, ds.root, results["caption"]["model_dir"], results["retrieval"]["model_dir"], "val/000000")
+    with StageProgress("serve") as progress:
+        results["serve"] = serve_and_ask(out, ds.root, results["caption"]["model_dir"], results["retrieval"]["model_dir"], "val/000000")
+        captions = results["serve"]["caption"].get("captions") or [{}]
+        progress.done(f"caption: {json.dumps(captions[0].get('text', captions[0]), ensure_ascii=False)}")
+    stages.rows.append(("serve", progress.seconds, progress.result))
     print(f"POST {results['serve']['url']}/v1/caption  ({results['serve']['image']})")
     print(json.dumps(results["serve"]["caption"].get("captions"), ensure_ascii=False))
     print(f"POST {results['serve']['url']}/v1/search/images  {{\"text\": \"红色的圆形\"}}")
     print(json.dumps(results["serve"]["search"], ensure_ascii=False)[:400])
-    return results
+    return results, stages
 
 
 def print_next_steps(out: Path, results: dict[str, Any]) -> None:
@@ -147,6 +184,7 @@ def print_next_steps(out: Path, results: dict[str, Any]) -> None:
         ("training curves", f"{results['caption']['run_dir']}/*.png"),
         ("evaluation", out / "eval"),
         ("HTTP answers", out / "http_answers.json"),
+        ("Ray worker logs", results["ray_logs"]),
     ]
     for name, where in rows:
         print(f"  {name:<20} {where}")
@@ -157,9 +195,12 @@ def print_next_steps(out: Path, results: dict[str, Any]) -> None:
 
 
 def main(out_dir: str, fast: bool = False) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # the jobs' and HTTP clients' INFO lines repeat what the stage lines say (`mengzi-ray <command>` keeps them)
+    logging.getLogger().setLevel(logging.WARNING)
     start = time.perf_counter()
-    results = run_demo(out_dir, fast=fast)
+    results, stages = run_demo(out_dir, fast=fast)
     print_next_steps(Path(out_dir).resolve(), results)
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+    print("\nsummary:")
+    print(stages.table())
+    print(f"\ndemo finished in {format_seconds(time.perf_counter() - start)}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from mengzi_ray.config import RaySection
 
@@ -31,16 +32,18 @@ def ensure_ray(section: RaySection | None = None) -> None:
     start_local_ray(section.num_cpus)
 
 
-def start_local_ray(num_cpus: float | None, include_dashboard: bool | None = None, attempts: int = 3) -> None:
+def start_local_ray(
+    num_cpus: float | None, include_dashboard: bool | None = None, attempts: int = 3, **init_kwargs: Any
+) -> Any:
     """`ray.init(address="local", ...)`, tried up to `attempts` times: on a loaded machine the raylet can miss Ray's
     fixed start-up waits ("node timed out during startup"), and a fresh start then passes. The last error is
-    raised when every attempt failed."""
+    raised when every attempt failed. `init_kwargs` go to ray.init as they are (console.quiet_ray's); returns
+    ray.init's RayContext (`address_info["session_dir"]` holds the session's logs/)."""
     import ray
 
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard)
-            return
+            return ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, **init_kwargs)
         except Exception:
             ray.shutdown()  # what a half-started node left behind
             if attempt == attempts:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray import storage
 from mengzi_ray.storage import json_lines
 from mengzi_ray.text import tag_string
@@ -64,7 +64,7 @@ def load_image_records(features_path: str | Path, text_path: str | Path, split: 
     if orphans:
         raise ValueError(f"{text_path}: {len(orphans)} {split} texts name images with no features, e.g. {sorted(orphans)[:3]}")
     records = []
-    for image_id, feats, tags in zip(ids, region_arrays(table.column("features")), table.column("tags").to_pylist()):
+    for image_id, feats, tags in zip(ids, region_arrays_of(table), table.column("tags").to_pylist()):
         if image_id in texts:
             records.append(ImageRecord(image_id, feats, tag_string(tags), texts[image_id]))
     if not records:

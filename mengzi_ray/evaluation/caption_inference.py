@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from mengzi_ray.evaluation.feature_io import read_feature_dataset
 from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
-from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.inference import Captioner
 
 
@@ -40,7 +40,7 @@ class CaptionPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         od_labels = [self.captioner.od_labels(labels, tags)
                      for labels, tags in zip(batch.column("labels").to_pylist(), batch.column("tags").to_pylist())]
-        best = self.captioner.caption(region_arrays(batch.column("features")), od_labels, num_beams=self.num_beams)
+        best = self.captioner.caption(region_arrays_of(batch), od_labels, num_beams=self.num_beams)
         return pa.table(
             {
                 "image_id": batch.column("image_id").to_pylist(),

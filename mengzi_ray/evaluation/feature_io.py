@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.storage import filesystem_for
 from mengzi_ray.text import tag_string
 from mengzi_ray.text.tags import region_tags
@@ -44,7 +44,7 @@ def load_regions(uri: str, image_ids: list[str], tag_map: str | None = None) -> 
     table = pq.read_table(path, columns=EVAL_COLUMNS, filesystem=fs, filters=pc.field("image_id").isin(image_ids))
     columns = zip(
         table.column("image_id").to_pylist(),
-        region_arrays(table.column("features")),
+        region_arrays_of(table),
         table.column("tags").to_pylist(),
         table.column("labels").to_pylist(),
         table.column("source").to_pylist(),

@@ -174,6 +174,11 @@ class ExtractCard(Card):
     retry_failed: Literal["transient", "all", "none"] = Field(
         "transient", description="inputs in errors/ a re-run tries again: read failures (transient), all, or none"
     )
+    feature_layout: Literal["nested", "packed", "packed_float16"] = Field(
+        "nested", description="features column storage: nested lists of float32 (any Arrow tool sees floats), packed "
+        "float32 bytes per image (reads at memory speed), or packed float16 (half the bytes; lossy, opt-in); every "
+        "reader takes all three (features/layout.py)",
+    )
 
 
 class ExportOscarCard(Card):

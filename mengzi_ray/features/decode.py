@@ -2,6 +2,8 @@
 
 Called once per input row by the extraction job's decode tasks and by the serving ingress; a failure raises
 :class:`DecodeError` (a ValueError) whose message says what is wrong with the bytes, never a PIL-internal trace.
+Also the torchvision_c4 detector's resize rule (`resized_size`, `resize_for_detector`), which the decode tasks
+apply before shipping an image to the detector actors (`shipping_size`), so only detector-sized pixels travel.
 """
 
 from __future__ import annotations
@@ -77,16 +79,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _grey8(values: np.ndarray) -> np.ndarray:
-    """16-bit, 32-bit or float grey → uint8. Integers in integer arithmetic (a 16 MP 16-bit image must not take a
-    float64 copy): values within 0..255 are kept, wider ones keep their top 8 of 16 bits (`>> 8`). Floats beyond
-    8 bits are read as 0..65535 the same way."""
+    """16-bit, 32-bit or float grey → uint8: values within 0..255 are kept, wider ones (16-bit PNGs span 0..65535)
+    become round(v / 257). Integers stay in integer arithmetic, so a 16 MP 16-bit image never takes a float64 copy."""
     if values.dtype.kind == "f":
         values = np.nan_to_num(values, nan=0.0, posinf=65535.0, neginf=0.0)
-        wide = values.max(initial=0.0) > 255.0
-        return np.clip(values / 256.0 if wide else np.round(values), 0, 255).astype(np.uint8)
-    if values.max(initial=0) <= 255:
-        return np.clip(values, 0, 255).astype(np.uint8)
-    return (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        scale = 257.0 if values.max(initial=0.0) > 255.0 else 1.0
+        return np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
+    wide = values.astype(np.int64 if values.dtype.itemsize >= 4 else np.int32)
+    if wide.max(initial=0) > 255:
+        # round(v / 257) exactly: v / 257 never ends in .5 (257 is odd), so it is floor((v + 128) / 257)
+        wide += 128
+        wide //= 257
+    return np.clip(wide, 0, 255, out=wide).astype(np.uint8)
 
 
 @dataclass
@@ -132,3 +136,35 @@ def decode_image_for(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_t
         raise DecodeError(f"cannot apply EXIF orientation: {exc}") from None
     rgb = _to_rgb(upright if upright is not None else image)
     return DecodedImage(np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), scale)
+
+
+def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """maskrcnn_benchmark data/transforms/transforms.py Resize.get_size: (width, height) after resizing, with its
+    int() truncation (the torchvision_c4 detector's input size)."""
+    size = min_size
+    short, long = float(min(width, height)), float(max(width, height))
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return width, height
+    if width < height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_for_detector(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → the image at resized_size, resized as the torchvision_c4 detector does (PIL bilinear on
+    the 8-bit image); always a new, writable array."""
+    height, width = image.shape[:2]
+    size = resized_size(width, height, min_size, max_size)
+    if size == (width, height):
+        return np.array(image, dtype=np.uint8)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize(size, Image.BILINEAR)
+    return np.array(pil, dtype=np.uint8)
+
+
+def shipping_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size an extraction decode task ships an image at: the detector's input size when the detector would
+    not resize that again (then its input is bit-identical to resizing the original), else the original size."""
+    target = resized_size(width, height, min_size, max_size)
+    return target if resized_size(*target, min_size, max_size) == target else (width, height)

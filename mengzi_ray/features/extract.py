@@ -28,16 +28,19 @@ import pyarrow.parquet as pq
 from mengzi_ray import storage
 from mengzi_ray.config import JobFailed
 from mengzi_ray.features.card import DetectorSection, ExtractCard
-from mengzi_ray.features.decode import decode_image
+from mengzi_ray.features.decode import decode_image, resize_for_detector, shipping_size
 from mengzi_ray.features.detectors.base import Detections, build_detector, detections_to_row
 from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.inputs import list_inputs, read_uri
+from mengzi_ray.features.layout import parquet_options, to_layout
 from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
 
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "decode", "detect")
-# Decoded images travel between the decode tasks and the detector actors as raw RGB bytes plus their size.
+# Decoded images travel between the decode tasks and the detector actors as raw RGB bytes plus their sizes: width
+# and height of the decoded original (what boxes refer to), pixel_width and pixel_height of what is shipped (the
+# torchvision_c4 detector's input size where that is exact, decode.shipping_size; else the original).
 DECODED_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -46,6 +49,8 @@ DECODED_SCHEMA = pa.schema(
         ("labels_json", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("pixel_width", pa.int32()),
+        ("pixel_height", pa.int32()),
         ("pixels", pa.large_binary()),
         ("stage", pa.string()),  # "" = ok so far, else the stage that failed
         ("error", pa.string()),
@@ -58,12 +63,16 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def read_and_decode(batch: pa.Table, max_pixels: int, exif_orientation: bool = True) -> pa.Table:
+def read_and_decode(
+    batch: pa.Table, max_pixels: int, exif_orientation: bool = True, detector_sizes: tuple[int, int] | None = None
+) -> pa.Table:
     """Decode task: input rows → DECODED_SCHEMA rows; a failing row gets stage read/decode and its reason.
-    exif_orientation: the detector's (decode.decode_image)."""
+    exif_orientation: the detector's (decode.decode_image). detector_sizes: (test_min_size, test_max_size) of a
+    torchvision_c4 detector, whose resize then happens here (decode.shipping_size), so the pixels shipped to the
+    actors are the detector's input, not the full-resolution image."""
     rows = []
     for row in batch.to_pylist():
-        out = {**row, "width": 0, "height": 0, "pixels": b"", "stage": "", "error": ""}
+        out = {**row, "width": 0, "height": 0, "pixel_width": 0, "pixel_height": 0, "pixels": b"", "stage": "", "error": ""}
         try:
             data = read_uri(row["source"], attempts=READ_ATTEMPTS)
         except Exception as exc:  # one unreadable object must not fail the block
@@ -74,7 +83,11 @@ def read_and_decode(batch: pa.Table, max_pixels: int, exif_orientation: bool = T
         except Exception as exc:
             rows.append({**out, "stage": "decode", "error": _message(exc)})
             continue
-        rows.append({**out, "height": image.shape[0], "width": image.shape[1], "pixels": image.tobytes()})
+        height, width = image.shape[:2]
+        if detector_sizes is not None and shipping_size(width, height, *detector_sizes) != (width, height):
+            image = resize_for_detector(image, *detector_sizes)
+        rows.append({**out, "height": height, "width": width, "pixel_height": image.shape[0],
+                     "pixel_width": image.shape[1], "pixels": image.tobytes()})
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
@@ -100,10 +113,24 @@ class DetectorActor:
     def _detect_one(self, image: np.ndarray, boxes: np.ndarray | None) -> Detections:
         return self.detector.detect([image], [boxes])[0]
 
+    @staticmethod
+    def _to_original(found: Detections | Exception, row: dict[str, Any]) -> Detections | Exception:
+        """Boxes of an image shipped at detector size → original pixels, with the detector's own rescale (the
+        same ratios it applies to a full-size input, so the numbers are identical)."""
+        shipped, original = (row["pixel_height"], row["pixel_width"]), (row["height"], row["width"])
+        if isinstance(found, Exception) or shipped == original:
+            return found
+        import torch
+
+        from mengzi_ray.features.detectors.torchvision_c4 import rescale_boxes
+
+        found.boxes = rescale_boxes(torch.from_numpy(found.boxes), shipped, original).numpy()
+        return found
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         ok = [r for r in rows if not r["stage"]]
-        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in ok]
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["pixel_height"], r["pixel_width"], 3) for r in ok]
         boxes = [np.asarray(json.loads(r["boxes_json"]), np.float32) if r["boxes_json"] else None for r in ok]
         try:
             found: list[Detections | Exception] = list(self.detector.detect(images, boxes))
@@ -114,7 +141,7 @@ class DetectorActor:
                     found.append(self._detect_one(image, given))
                 except Exception as exc:
                     found.append(exc)
-        by_id = {r["image_id"]: d for r, d in zip(ok, found)}
+        by_id = {r["image_id"]: self._to_original(d, r) for r, d in zip(ok, found)}
         out = []
         for row in rows:
             result = by_id.get(row["image_id"])
@@ -219,8 +246,8 @@ def drop_error_rows(output: str, image_ids: set[str]) -> None:
         storage.publish_file(fs, staged, path)
 
 
-def _features_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch["stage"], "")).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
+def _features_only(batch: pa.Table, layout: str = "nested") -> pa.Table:
+    return to_layout(batch.filter(pc.equal(batch["stage"], "")).select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA), layout)
 
 
 def _errors_only(batch: pa.Table, job_id: str) -> pa.Table:
@@ -229,6 +256,12 @@ def _errors_only(batch: pa.Table, job_id: str) -> pa.Table:
     table = table.append_column("job_id", pa.array([job_id] * len(table), pa.string()))
     transient = pc.is_in(table.column("stage"), value_set=pa.array(sorted(TRANSIENT_STAGES), pa.string()))
     return table.append_column("transient", transient).cast(ERRORS_SCHEMA)
+
+
+def _detector_sizes(section: DetectorSection) -> tuple[int, int] | None:
+    """(test_min_size, test_max_size) when the decode tasks may resize for the detector: only torchvision_c4, whose
+    resize rule decode.py implements (given_boxes maps manifest boxes from the shipped image, so it gets originals)."""
+    return (section.test_min_size, section.test_max_size) if section.backend == "torchvision_c4" else None
 
 
 def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_cls: type = DetectorActor) -> dict:
@@ -244,7 +277,8 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
     root = root.rstrip("/")
     blocks = max(1, math.ceil(len(rows) / card.input.rows_per_block))
     decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels, "exif_orientation": card.detector.exif_orientation},
+        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels, "exif_orientation": card.detector.exif_orientation,
+                                    "detector_sizes": _detector_sizes(card.detector)},
         batch_format="pyarrow",
         batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
     )
@@ -267,7 +301,9 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
     done = len(rows) - sum(counts.values())
     staging = f"{root}/_staging/{job_id}-{uuid.uuid4().hex[:8]}"
     if done:
-        results.map_batches(_features_only, batch_format="pyarrow").write_parquet(f"{staging}/features", filesystem=fs)
+        results.map_batches(_features_only, fn_kwargs={"layout": card.feature_layout}, batch_format="pyarrow").write_parquet(
+            f"{staging}/features", filesystem=fs, **parquet_options(FEATURES_SCHEMA)
+        )
     if done < len(rows):
         results.map_batches(_errors_only, fn_kwargs={"job_id": job_id}, batch_format="pyarrow").write_parquet(
             f"{staging}/errors", filesystem=fs

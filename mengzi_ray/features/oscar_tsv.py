@@ -20,12 +20,14 @@ import json
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
 from mengzi_ray.features.card import ExportOscarCard
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.features.schema import REGION_DIM
 
 
@@ -94,11 +96,13 @@ def run_export(card: ExportOscarCard) -> dict[str, Any]:
     index: dict[str, int] = {}
     dataset = pads.dataset(features_dir, filesystem=src_fs, format="parquet")
     for batch in dataset.to_batches(batch_size=256):
-        for row in batch.to_pylist():
+        # the schema from the dataset, not the batch: it carries the packed layout's metadata
+        batch = pa.RecordBatch.from_arrays(batch.columns, schema=dataset.schema)
+        others = batch.drop_columns(["features"]).to_pylist()
+        for row, vectors in zip(others, region_arrays_of(batch)):
             if row["image_id"] in index:
                 raise ConfigError(f"dataset {card.dataset}: image_id {row['image_id']!r} occurs twice")
             index[row["image_id"]] = len(index)
-            vectors = np.asarray(row["features"], np.float32).reshape(-1, REGION_DIM)
             feats.write(row["image_id"], str(len(vectors)), encode_regions(vectors))
             preds.write(row["image_id"], json.dumps(prediction_json(row), ensure_ascii=False))
     feats.close()

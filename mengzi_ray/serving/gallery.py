@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from mengzi_ray.data.records import read_text_rows
 
-from mengzi_ray.features.schema import region_arrays
+from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.settings import GallerySection
 from mengzi_ray.storage import filesystem_for
@@ -93,7 +93,7 @@ def load_gallery(section: GallerySection, tag_map: str | None = None) -> Gallery
     image_ids = table.column("image_id").to_pylist()
     regions = [
         RegionSet(feats, region_tags(labels, tags, tag_map))
-        for feats, tags, labels in zip(region_arrays(table.column("features")), table.column("tags").to_pylist(),
+        for feats, tags, labels in zip(region_arrays_of(table), table.column("tags").to_pylist(),
                                        table.column("labels").to_pylist())
     ]
     known = set(image_ids)

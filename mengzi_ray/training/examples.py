@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
 from mengzi_ray.data.records import ImageRecord, read_text_rows
+from mengzi_ray.features.layout import features_dim, region_arrays_of
 from mengzi_ray.text import tag_string
 
 FEATURE_COLUMNS = ["image_id", "features", "tags"]
@@ -42,15 +42,12 @@ def read_text_table(uri: str, split: str, kind: str) -> pa.Table:
 
 
 def feature_dim(uri: str) -> int:
-    """D of the `features` column (list<fixed_size_list<float32, D>>) from the Parquet schema alone."""
+    """D of the `features` column (either layout, features.layout) from the Parquet schema alone."""
     fs, path = storage.filesystem_for(uri)
-    schema = pq.ParquetDataset(path, filesystem=fs).schema
-    if "features" not in schema.names:
-        raise ValueError(f"{uri}: no `features` column")
-    region = schema.field("features").type.value_type
-    if not pa.types.is_fixed_size_list(region):
-        raise ValueError(f"{uri}: `features` must be list<fixed_size_list<float32, D>>, got {schema.field('features').type}")
-    return region.list_size
+    try:
+        return features_dim(pq.ParquetDataset(path, filesystem=fs).schema)
+    except ValueError as e:
+        raise ValueError(f"{uri}: {e}") from None
 
 
 def feature_image_ids(uri: str) -> set[str]:
@@ -129,11 +126,7 @@ def to_records(batch: pa.Table | dict[str, Any]) -> list[ImageRecord]:
     """A joined batch (Arrow, from `iter_batches(batch_format="pyarrow")`) → ImageRecords with (N, D) float32
     regions; `texts` holds the row's one text, or all texts of the image for per-image datasets."""
     table = batch if isinstance(batch, pa.Table) else pa.table(batch)
-    feats = table.column("features").combine_chunks()
-    dim = feats.type.value_type.list_size
-    # flatten() honours slice offsets at both levels; offsets are rebased to the flattened regions.
-    flat = feats.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    offsets = feats.offsets.to_numpy() - feats.offsets[0].as_py()
+    regions = region_arrays_of(table)
     text_col = "texts" if "texts" in table.column_names else "text"
     texts = table.column(text_col).to_pylist()
     b_col = "texts_b" if text_col == "texts" else "text_b"
@@ -142,7 +135,7 @@ def to_records(batch: pa.Table | dict[str, Any]) -> list[ImageRecord]:
         ImageRecord(
             image_id=image_id,
             texts=t if isinstance(t, list) else [t],
-            features=flat[offsets[i] : offsets[i + 1]],
+            features=regions[i],
             od_labels=tag_string(tags or []),
             texts_b=None if b is None else (b if isinstance(b, list) else [b]),
         )

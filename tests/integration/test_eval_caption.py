@@ -19,6 +19,7 @@ from mengzi_ray.evaluation.jobs import run_evaluate
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
 from mengzi_ray.inference import Captioner
+from tests.system_packages import require_cjk_font, require_java
 
 NUM_VAL = 12
 MAX_GEN = 22
@@ -72,6 +73,8 @@ def test_ray_inference_matches_single_process_decoding(ray_local, caption_setup)
 
 
 def test_evaluate_writes_predictions_metrics_and_report(ray_local, caption_setup):
+    require_cjk_font()  # the report's examples.png
+    require_java()  # METEOR
     data, model_dir, root = caption_setup
     out = root / "eval"
     summary = run_evaluate(_card(data, model_dir, out, write_pred_tsv=True, num_examples=4))
@@ -87,7 +90,7 @@ def test_evaluate_writes_predictions_metrics_and_report(ray_local, caption_setup
     assert len(tsv.read_text(encoding="utf-8").splitlines()) == NUM_VAL
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "tokenization: char" in report and "tokenization: jieba" in report
-    assert "![examples](examples.png)" in report  # the CJK font is installed here
+    assert "![examples](examples.png)" in report
     assert (out / "examples.png").stat().st_size > 10_000
 
 

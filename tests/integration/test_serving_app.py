@@ -27,6 +27,7 @@ from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.serving.loadtest import LoadRun
 from mengzi_ray.serving.settings import ServeAppConfig
 from tests.tiny_models import write_tiny_models
+from tests.system_packages import require_chromium
 
 pytestmark = pytest.mark.integration
 
@@ -309,9 +310,10 @@ def test_demo_page_in_headless_chromium(served, gallery_row, tmp_path):
 
     image = tmp_path / "scene.png"
     image.write_bytes(Path(gallery_row["source"].removeprefix("file://")).read_bytes())
+    chromium = require_chromium()
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
+            executable_path=str(chromium),
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
         )
         try:

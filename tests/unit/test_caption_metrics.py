@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import threading
 
@@ -17,6 +16,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 
 from mengzi_ray.evaluation import caption_metrics
 from mengzi_ray.evaluation.caption_metrics import format_table, score_captions, tokenize_for_metrics
+from tests.system_packages import require_java
 
 NO_METEOR = ("Bleu", "ROUGE_L", "CIDEr")
 
@@ -113,7 +113,7 @@ def test_meteor_runs_and_leaves_no_java_behind() -> None:
     preds = {"a": "两个男人在街上走路", "b": "一只小猫趴在沙发上"}
     refs = {"a": ["两个男人在街上走路"], "b": ["一只小猫趴在沙发上", "沙发上有一只猫"]}
     # The suite fails, never skips, without Java: `make system-deps` and cluster/Dockerfile install it.
-    assert shutil.which("java") is not None, "METEOR needs Java: run `make system-deps` (default-jre-headless)"
+    require_java()
     result = score_captions(preds, refs, metrics=("METEOR",))
     # Exact matches only; the fragmentation penalty keeps a perfect short match just below 1.
     assert 0.9 < result.scores["METEOR"] <= 1.0

@@ -45,6 +45,16 @@ def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
     np.testing.assert_array_equal(image[0, :, 0], [0, 100, 255])
 
 
+def test_sixteen_bit_scaling_in_integers_equals_rounding_every_value() -> None:
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value once
+    image = decode_image(encode(Image.fromarray(values).convert("I;16"), "PNG"))
+    expected = np.clip(np.round(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(image[:, :, 0], expected)
+    signed = np.array([[-300, 0, 200, 70000]], dtype=np.int32)  # 32-bit "I": negative and beyond 16 bits clip
+    image = decode_image(encode(Image.fromarray(signed, "I"), "TIFF"))
+    np.testing.assert_array_equal(image[0, :, 0], np.clip(np.round(signed[0] / 257.0), 0, 255).astype(np.uint8))
+
+
 def test_transparency_is_composited_on_white() -> None:
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[0, 0] = [255, 0, 0, 255]  # opaque red; the rest fully transparent black

@@ -8,6 +8,7 @@ from PIL import Image
 from mengzi_ray.evaluation import caption_report
 from mengzi_ray.evaluation.caption_metrics import CaptionScores
 from mengzi_ray.evaluation.caption_report import Example, draw_examples, find_cjk_font, write_report
+from tests.system_packages import require_cjk_font
 
 SUMMARY = {
     "model_dir": "m", "features": "f", "references": "r", "split": "val", "num_images": 2, "num_beams": 5,
@@ -23,8 +24,8 @@ def _examples(tmp_path) -> list[Example]:
 
 
 def test_cjk_font_is_found_and_drawn(tmp_path):
-    font = find_cjk_font()
-    assert font is not None and font.is_file()  # fonts-wqy-microhei is part of the set-up
+    font = require_cjk_font()
+    assert font == find_cjk_font() and font.is_file()
     png = draw_examples(_examples(tmp_path), tmp_path / "out" / "examples.png", font)
     with Image.open(png) as image:
         assert image.size[0] >= 600 and image.size[1] >= 300

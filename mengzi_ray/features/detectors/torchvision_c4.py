@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mengzi_ray import storage
 from mengzi_ray.features.card import DetectorSection
+from mengzi_ray.features.decode import resize_for_detector, resized_size  # noqa: F401  (resized_size: the rule, re-exported)
 from mengzi_ray.features.detectors import rcnn_ops
 from mengzi_ray.features.detectors.base import Detections
 from mengzi_ray.features.detectors.c4_model import C4FasterRCNN
@@ -98,27 +98,10 @@ def load_c4(section: DetectorSection) -> LoadedC4:
     return LoadedC4(model.eval(), ["__background__", *labels], attributes, hasher.hexdigest()[:12], section)
 
 
-def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """data/transforms/transforms.py Resize.get_size: (width, height) after resizing, with its int() truncation."""
-    size = min_size
-    short, long = float(min(width, height)), float(max(width, height))
-    if long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if (width <= height and width == size) or (height <= width and height == size):
-        return width, height
-    if width < height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
 def preprocess(image: np.ndarray, section: DetectorSection) -> torch.Tensor:
     """RGB uint8 (H, W, 3) → the normalised (3, h, w) float32 input of the trunk (see the module docstring)."""
-    height, width = image.shape[:2]
-    size = resized_size(width, height, section.test_min_size, section.test_max_size)
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-    if size != (width, height):
-        pil = pil.resize(size, Image.BILINEAR)
-    tensor = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous().float().div(255)
+    resized = resize_for_detector(image, section.test_min_size, section.test_max_size)
+    tensor = torch.from_numpy(resized).permute(2, 0, 1).contiguous().float().div(255)
     if section.input_format == "bgr255":
         tensor = tensor[[2, 1, 0]] * 255
     mean = torch.as_tensor(section.pixel_mean, dtype=torch.float32)[:, None, None]
