@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray
 import torch
-from bench_eval import _tiny_model
+from bench_eval import CAPTIONS, MAX_GEN, _tiny_model  # the same tiny models and caption budget
 from common import git_commit, pick_device, print_table, write_results
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
@@ -35,11 +35,8 @@ from mengzi_ray.modeling.inference import caption_images
 from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
 
 SCRIPT = "bench_infer_ray"
-SMALL = 16
-CAPTIONS = 3
-NUM_BEAMS = 2
-MAX_GEN = 22
-CAPTION_BATCH = 16
+SMALL = 16  # images of the start-up run
+NUM_BEAMS, CAPTION_BATCH = 2, 16
 PAIR_BATCH = 64
 PAIR_CHUNK = 1024
 
