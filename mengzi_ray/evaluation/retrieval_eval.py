@@ -1,4 +1,4 @@
-"""Retrieval evaluation at scale: every (image, caption) pair scored by the match classifier across Ray actors.
+"""Retrieval evaluation at scale: every (image, caption) pair scored by the match classifier on a Ray Data actor pool.
 
 The pair space follows Oscar's ``--cross_image_eval`` (docs/oscar-formats.md §5): with N images and T = N·k texts, pair
 ``p`` is image ``p // T`` with text ``p % T``, so the flat score vector reshapes to (N, T). The re-rank mode scores
@@ -122,7 +122,7 @@ class PairScorer:
 
     The model and its whole input layout (text length, regions, od labels, attention mask type) come from the
     model dir through :class:`mengzi_ray.inference.MatchScorer`; ``config_overrides`` only for a dir that records
-    no layout. Plain class: the job wraps it with ``ray.remote``; tests use it directly.
+    no layout. Plain class: ``score_pairs`` runs it inside a ChunkScorer actor; tests use it directly.
     """
 
     def __init__(
@@ -144,7 +144,21 @@ class PairScorer:
         return start, self.scorer.score([(g.texts[t], g.od_labels[i], g.regions[i]) for i, t in zip(images, texts)])
 
 
-ACTOR_RESTARTS = 3
+class ChunkScorer:
+    """The Ray Data model actor of pair scoring: builds one ``scorer_cls`` (a PairScorer: the model is loaded once
+    per actor) and scores the chunks of each batch, rows (start, stop) → rows (start, scores: list<float32>).
+    ``gallery`` may be an ObjectRef (put once by the driver, fetched once per actor)."""
+
+    def __init__(self, scorer_cls: type, gallery: Any, **scorer_kwargs: Any) -> None:
+        import ray
+
+        if isinstance(gallery, ray.ObjectRef):
+            gallery = ray.get(gallery)
+        self.scorer = scorer_cls(gallery=gallery, **scorer_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        done = [self.scorer.score(int(lo), int(hi)) for lo, hi in zip(batch["start"], batch["stop"])]
+        return {"start": np.array([lo for lo, _ in done], np.int64), "scores": [scores for _, scores in done]}
 
 
 def score_pairs(
@@ -160,44 +174,50 @@ def score_pairs(
     config_overrides: dict[str, Any] | None = None,
     scorer_cls: type = PairScorer,
 ) -> np.ndarray:
-    """Score every pair of ``pairs`` with ``num_actors`` Ray actors; returns (num_pairs,) float32 (Ray must be up).
+    """Score every pair of ``pairs`` on a Ray Data actor pool of ``num_actors`` ChunkScorers; returns (num_pairs,)
+    float32 (Ray must be up). The dataset is the list of chunks [start, stop), one chunk per actor call.
 
-    An actor that dies (a preempted node, an OOM kill) is restarted and its chunk retried (``score`` is a pure
-    function of its range, so a retry cannot change a score), up to ACTOR_RESTARTS times per actor.
-    ``scorer_cls``: PairScorer or a subclass (tests inject failures).
+    An actor that dies (a preempted node, an OOM kill) is restarted by Ray Data and its chunks retried (``score`` is
+    a pure function of its range, so a retry cannot change a score). ``scorer_cls``: PairScorer or a subclass
+    (tests inject failures).
 
     Raises ValueError when chunk_size is not a multiple of batch_size (that would make scores depend on chunking)
-    or there are no pairs.
+    or there are no pairs; RuntimeError when a pair comes back unscored.
     """
     import ray
-    from ray.util import ActorPool
+    from ray.data import ActorPoolStrategy
 
     if chunk_size % batch_size:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of batch_size {batch_size}")
     total = pairs.num_pairs
     if total == 0:
         raise ValueError("no pairs to score (empty gallery)")
-    actor_cls = ray.remote(scorer_cls).options(
-        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+    starts = range(0, total, chunk_size)
+    # one block per chunk, so the pool hands chunks to whichever actor is free (a block goes to one actor)
+    chunks = ray.data.from_items(
+        [{"start": lo, "stop": min(lo + chunk_size, total)} for lo in starts], override_num_blocks=len(starts)
     )
-    gallery_ref = ray.put(gallery)
-    actors = [
-        actor_cls.remote(model_dir, gallery_ref, pairs, batch_size, num_gpus_per_actor > 0,
-                         config_overrides)
-        for _ in range(min(num_actors, -(-total // chunk_size)))
-    ]
+    size = min(num_actors, len(starts))
+    scored = chunks.map_batches(
+        ChunkScorer,
+        fn_constructor_kwargs={
+            "scorer_cls": scorer_cls, "gallery": ray.put(gallery), "model_dir": model_dir, "pairs": pairs,
+            "batch_size": batch_size, "use_gpu": num_gpus_per_actor > 0,
+            "config_overrides": config_overrides,
+        },
+        compute=ActorPoolStrategy(min_size=size, max_size=size),
+        batch_size=1,
+        batch_format="numpy",
+        # Setting both num_cpus and num_gpus is "experimental" in Ray Data: a GPU actor asks for GPUs only.
+        **({"num_gpus": num_gpus_per_actor} if num_gpus_per_actor > 0 else {"num_cpus": num_cpus_per_actor}),
+    )
     scores = np.full(total, np.nan, dtype=np.float32)
-    chunks = [(lo, min(lo + chunk_size, total)) for lo in range(0, total, chunk_size)]
-    try:
-        done = 0
-        for start, chunk_scores in ActorPool(actors).map_unordered(lambda a, c: a.score.remote(*c), chunks):
+    done = 0
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        for start, chunk_scores in zip(batch["start"], batch["scores"]):
             scores[start : start + len(chunk_scores)] = chunk_scores
             done += len(chunk_scores)
-            log.debug("scored %d / %d pairs", done, total)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+        log.debug("scored %d / %d pairs", done, total)
     unscored = int(np.isnan(scores).sum())
     if unscored:
         raise RuntimeError(f"{unscored} of {total} pairs came back unscored")

@@ -37,7 +37,7 @@ from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "decode", "detect")
+STAGES = ("read", "access", "decode", "detect")
 # Decoded images travel between the decode tasks and the detector actors as raw RGB bytes plus their sizes: width
 # and height of the decoded original (what boxes refer to), pixel_width and pixel_height of what is shipped (the
 # torchvision_c4 detector's input size where that is exact, decode.shipping_size; else the original).
@@ -75,6 +75,9 @@ def read_and_decode(
         out = {**row, "width": 0, "height": 0, "pixel_width": 0, "pixel_height": 0, "pixels": b"", "stage": "", "error": ""}
         try:
             data = read_uri(row["source"], attempts=READ_ATTEMPTS)
+        except (PermissionError, IsADirectoryError) as exc:  # there but not ours to read: a re-run repeats it
+            rows.append({**out, "stage": "access", "error": _message(exc)})
+            continue
         except Exception as exc:  # one unreadable object must not fail the block
             rows.append({**out, "stage": "read", "error": _message(exc)})
             continue
@@ -165,7 +168,9 @@ class DetectorActor:
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
 
 
-TRANSIENT_STAGES = frozenset({"read"})  # storage/read failures; decode and detect failures repeat on a re-run
+# storage/read failures (throttling, a reset, an object not there yet); access (no permission), decode and detect
+# failures repeat on a re-run until someone changes the input
+TRANSIENT_STAGES = frozenset({"read"})
 READ_ATTEMPTS = 3
 
 

@@ -54,10 +54,15 @@ def _source_uri(fs: pafs.FileSystem, path: str) -> str:
 def _tree_paths(fs: pafs.FileSystem, root: str) -> list[str]:
     """Every non-directory entry under root. Locally through os.walk, because pyarrow's listing drops entries it
     cannot stat (a dangling symlink): those stay inputs, so their read fails visibly in errors/ instead of the
-    image silently missing from the dataset."""
+    image silently missing from the dataset. A directory that cannot be listed (no permission) is a ConfigError
+    naming it, not a silently smaller dataset (os.walk would skip it)."""
     if isinstance(fs, pafs.LocalFileSystem):
-        return [os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True) for name in names]
+        return [os.path.join(d, name) for d, _, names in os.walk(root, onerror=_unlistable, followlinks=True) for name in names]
     return [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+
+
+def _unlistable(exc: OSError) -> None:
+    raise ConfigError(f"input.uri: cannot list {exc.filename}: {exc.strerror or exc} (its images would be left out)")
 
 
 def _list_tree(uri: str, extensions: list[str]) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ Routes: `GET /` (demo page), `GET /healthz`, `GET /v1/models`, `POST /v1/caption
 `POST /v1/search/captions`, `GET /v1/gallery/images/{image_id}`; OpenAPI at `/openapi.json`, docs at `/docs`.
 Image routes take JSON (base64 image, or precomputed regions) or a multipart upload (field `image`). Every
 refusal is a 4xx JSON error (errors.py), every server fault a 5xx JSON error; a model call whose replica died is
-retried once on another replica, and each model call has a server-side timeout (limits.call_timeout_s).
+retried once on another replica unless it may have been this request that killed it (see `Api._call`), and each model call has a server-side timeout (limits.call_timeout_s).
 """
 
 
@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from mengzi_ray.features.decode import DecodeError, decode_image_for
@@ -45,6 +45,7 @@ from mengzi_ray.serving.schemas import (
 from mengzi_ray.serving.settings import LimitsSection
 
 BodyT = TypeVar("BodyT", bound=Body)
+DEATH_GRACE_S = 0.2  # how long a call that saw its replica die waits for other calls to report the same death
 PRIVATE_INFO = frozenset({"model_dir", "gallery"})  # storage URIs in the deployments' info()
 log = logging.getLogger("ray.serve")
 
@@ -189,17 +190,27 @@ class Api:
         self.limits, self.default_num_beams, self.commit = limits, default_num_beams, commit
         self.auth = BearerAuth(auth_token_env, allow_anonymous)  # raises (the replica does not start) without a token
         _body_limit["bytes"] = limits.max_body_bytes
+        self.deaths: dict[str | None, int] = {}  # replica actor id → calls of this ingress that saw it die
 
     async def _call(self, method: Any, *args: Any) -> Any:
         """One model call under the server's own limit (limits.call_timeout_s; Ray's proxy lets a client lift the
-        HTTP timeout with `x-request-timeout-seconds`, this limit it cannot). A replica that died mid-call (killed,
-        OOM) is retried once on a live replica. Anything that is not the client's fault is a 503 JSON error."""
+        HTTP timeout with `x-request-timeout-seconds`, this limit it cannot). A replica that could not be reached
+        (ActorUnavailableError) is retried once; one that died mid-call is retried once only when other calls of
+        this ingress died with it (a killed node, an OOM under load): a replica that died holding only this
+        request may have been killed by it, and a retry would take down a second replica. Anything that is not
+        the client's fault is a 503 JSON error."""
         name = getattr(getattr(method, "handle_options", None), "method_name", None) or "model call"
         try:
             async with asyncio.timeout(self.limits.call_timeout_s):
                 try:
                     result = await method.remote(*args)
-                except RayActorError:
+                except ActorUnavailableError:
+                    result = await method.remote(*args)
+                except RayActorError as exc:
+                    if not await self._died_with_others(exc):
+                        log.warning("%s: the replica died holding only this request; not retried", name)
+                        raise ApiError(503, "model_unavailable", f"{name} failed (the replica died while it served "
+                                       "this request; it is not retried, as it may be what killed it)") from None
                     result = await method.remote(*args)
         except TimeoutError:
             raise ApiError(503, "model_timeout", f"{name} did not answer within limits.call_timeout_s="
@@ -212,6 +223,17 @@ class Api:
         if isinstance(result, ApiError):
             raise result
         return result
+
+    async def _died_with_others(self, exc: RayActorError) -> bool:
+        """Count this call against the dead replica, give the replica's other calls DEATH_GRACE_S to report the
+        same death, and say whether any did. The count is kept (bounded), so a call that reaches a replica
+        already known dead is retried at once."""
+        if len(self.deaths) > 1024:
+            self.deaths.clear()
+        self.deaths[exc.actor_id] = self.deaths.get(exc.actor_id, 0) + 1
+        if self.deaths[exc.actor_id] == 1:
+            await asyncio.sleep(DEATH_GRACE_S)
+        return self.deaths[exc.actor_id] > 1
 
     def _parse_image(self, body: ImageInput, upload: bytes | None) -> ParsedImage:
         """Regions or a decoded image from the request; runs in a worker thread (decoding a large image takes

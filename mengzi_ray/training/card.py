@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from mengzi_ray import storage
 from mengzi_ray.config import Card, RaySection, RunSection, ScalingSection, Section
 
 
@@ -120,6 +121,10 @@ class FaultDrillSection(Section):
 
     at_step: int = Field(..., ge=1)
     rank: int = Field(0, ge=0)
+    kill: bool = Field(False, description="SIGKILL the worker process instead of raising (a lost worker, not an error)")
+    log_ids: bool = Field(
+        False, description="every rank appends each micro-batch's (epoch, image_id, texts) to <run dir>/step_ids/rank<r>.jsonl (local run dirs only)"
+    )
 
 
 class TrainCard(Card):
@@ -159,6 +164,8 @@ class TrainCard(Card):
             raise ValueError(f"checkpoint.metric {self.checkpoint.metric!r} is not one of {self.metric_names()}")
         if self.fault_drill and self.fault_drill.rank >= self.scaling.num_workers:
             raise ValueError(f"fault_drill.rank {self.fault_drill.rank} >= scaling.num_workers {self.scaling.num_workers}")
+        if self.fault_drill and self.fault_drill.log_ids and storage.is_remote(self.run.storage_path):
+            raise ValueError(f"fault_drill.log_ids appends to local files; run.storage_path {self.run.storage_path!r} is not local")
         return self
 
     @property

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -66,7 +68,7 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def micro_batches(
-    shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache_rng: np.random.Generator | None = None,
+    shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache: bool = False,
     *, seed: int = 0, rank: int = 0,
 ) -> Iterator[list[ImageRecord]]:
     """Endless micro-batches of joined rows, epoch after epoch; `position` is updated as batches are taken, and
@@ -78,23 +80,24 @@ def micro_batches(
     ValueError when an epoch holds no full micro-batch (the shard is smaller than batch_size), which would
     otherwise loop forever.
 
-    With `cache_rng` (data.cache_in_workers) the first epoch streams from the shard and keeps its rows; later
-    epochs re-shuffle those rows with `cache_rng` instead of re-running the Ray Data pipeline (small datasets,
-    where a pipeline execution per epoch would cost more than the epoch)."""
+    With `cache` (data.cache_in_workers) epoch 0 streams from the shard and keeps its rows; later epochs are
+    permutations of those rows seeded by (seed, epoch, rank) instead of re-running the Ray Data pipeline (small
+    datasets, where a pipeline execution per epoch would cost more than the epoch). A run resumed in a later
+    epoch first re-reads epoch 0 into the cache without yielding it, so its permutation is the interrupted one."""
     skip = position.batches
-    cache: list[ImageRecord] = []
+    rows_cache: list[ImageRecord] = []
     while True:
-        if cache:
-            order = cache_rng.permutation(len(cache))
+        filling = cache and not rows_cache
+        if filling and position.epoch > 0:  # resumed past epoch 0: rebuild epoch 0's cache, then permute it
+            rows_cache = [r for raw in _stream(shard, batch_size, shuffle_buffer, seed, 0, rank) for r in to_records(raw)]
+            filling = False
+        if rows_cache:
+            order = np.random.default_rng(shuffle_seed(seed, position.epoch, rank)).permutation(len(rows_cache))
             epoch: Iterator[Any] = (
-                [cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)
+                [rows_cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)
             )
         else:
-            epoch = shard.iter_batches(
-                batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer,
-                local_shuffle_seed=shuffle_seed(seed, position.epoch, rank) if shuffle_buffer else None,
-            )
-        filling = cache_rng is not None and not cache
+            epoch = _stream(shard, batch_size, shuffle_buffer, seed, position.epoch, rank)
         taken = 0
         for raw in epoch:
             taken += 1
@@ -103,7 +106,7 @@ def micro_batches(
                 continue
             rows = raw if isinstance(raw, list) else to_records(raw)
             if filling:
-                cache.extend(rows)
+                rows_cache.extend(rows)
             if skip:
                 skip -= 1
                 continue
@@ -114,6 +117,14 @@ def micro_batches(
                              f"batch.per_worker_batch_size or scaling.num_workers, or add data")
         position.epoch += 1
         position.batches = 0
+
+
+def _stream(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Iterator[Any]:
+    """One epoch of raw Arrow micro-batches from the Ray Data shard, locally shuffled by (seed, epoch, rank)."""
+    return shard.iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=shuffle_seed(seed, epoch, rank) if shuffle_buffer else None,
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -149,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     batches = micro_batches(
         train_shard, card.batch.per_worker_batch_size, card.data.shuffle_buffer, state.position,
-        rng if card.data.cache_in_workers else None, seed=card.optim.seed, rank=rank,
+        card.data.cache_in_workers, seed=card.optim.seed, rank=rank,
     )
     pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
     use_amp = card.optim.amp and device.type == "cuda"
@@ -162,6 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_loss = 0.0
         for i in range(accumulation):
             rows = next(batches)
+            if card.fault_drill and card.fault_drill.log_ids:
+                _log_ids(config["run_dir"], rank, state, rows)
             pool.add(rows)
             batch = {k: torch.as_tensor(v).to(device) for k, v in task.make_batch(rows, rng, pool).items()}
             sync = model.no_sync() if model is not core and i < accumulation - 1 else contextlib.nullcontext()
@@ -274,8 +287,23 @@ def _restore(
     return LoopState(step, DataPosition(int(saved["epoch"]), int(saved["batches_in_epoch"])), history)
 
 
+def _log_ids(run_dir: str, rank: int, state: LoopState, rows: list[ImageRecord]) -> None:
+    """fault_drill.log_ids: append one JSON line per micro-batch (the optimizer step it feeds, its epoch, this
+    process's pid, the rows' image ids and texts) to <run_dir>/step_ids/rank<r>.jsonl, a local file (the card
+    refuses remote run dirs); opened per line so a killed worker leaves every line it took whole."""
+    path = Path(run_dir) / "step_ids" / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {
+        "step": state.step + 1, "epoch": state.position.epoch, "pid": os.getpid(),
+        "examples": [[r.image_id, r.texts] for r in rows],
+    }
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
 def _fault_drill(card: TrainCard, run_dir: str, rank: int, step: int) -> None:
-    """Raise once (the first time rank `fault_drill.rank` reaches step `fault_drill.at_step` in this run)."""
+    """Fail once (the first time rank `fault_drill.rank` reaches step `fault_drill.at_step` in this run): raise,
+    or with `fault_drill.kill` SIGKILL this worker process, as a lost node or an OOM kill would."""
     drill = card.fault_drill
     if drill is None or rank != drill.rank or step != drill.at_step:
         return
@@ -284,5 +312,7 @@ def _fault_drill(card: TrainCard, run_dir: str, rank: int, step: int) -> None:
         return
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(f"rank {rank} raised at step {step}\n".encode())
+        f.write(f"rank {rank} {'killed' if drill.kill else 'raised'} at step {step}\n".encode())
+    if drill.kill:
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"fault drill: rank {rank} raises at optimizer step {step}")

@@ -1,4 +1,5 @@
-"""Retrieval pair scoring on local Ray survives a scoring actor that dies mid-evaluation: same scores, no pair lost."""
+"""Retrieval pair scoring on a Ray Data actor pool (local Ray): the scores are bit-identical to the in-process loop,
+and a scoring actor that dies mid-evaluation changes none of them and loses no pair."""
 
 from __future__ import annotations
 
@@ -35,3 +36,5 @@ def test_a_scoring_actor_killed_mid_evaluation_changes_no_score(ray_local, model
     reference = score_pairs(str(model_dir), gallery, pairs, **kwargs)
     assert survived.shape == (pairs.num_pairs,) and not np.isnan(survived).any()
     np.testing.assert_array_equal(survived, reference)
+    in_process = PairScorer(str(model_dir), gallery, pairs, 2, False).score(0, pairs.num_pairs)[1]
+    np.testing.assert_array_equal(reference, in_process)  # the actor pool changes no bit

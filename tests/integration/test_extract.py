@@ -150,7 +150,7 @@ def test_every_input_lands_once_and_rerun_recomputes_nothing(ray_local, bucket, 
     assert total >= 60
     assert summary["inputs"] == summary["processed"] == total and summary["skipped"] == 0
     assert summary["done"] == len(sizes)
-    assert summary["failed"] == {"read": 1, "decode": 5, "detect": 0} and summary["images_per_s"] > 0
+    assert summary["failed"] == {"read": 1, "access": 0, "decode": 5, "detect": 0} and summary["images_per_s"] > 0
     features, errors = read_outputs(out)
     check_outputs(features, errors, sizes)
     assert set(errors.job_id) == {"job-1"}

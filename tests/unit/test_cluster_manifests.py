@@ -152,3 +152,39 @@ def test_runtime_env_parses_and_excludes_outputs():
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert "outputs/" in env["excludes"] and ".venv/" in env["excludes"]
     assert all(isinstance(v, str) for v in env["env_vars"].values())
+
+
+def test_the_head_control_ports_are_not_open_beyond_the_cluster():
+    """L16: Ray's Jobs API (8265) and Ray Client (10001) have no authentication. On AWS the dashboard binds the
+    head's loopback (reached through `ray dashboard`); on K8s, where KubeRay needs it on the pod IP, a NetworkPolicy
+    admits only the namespace's pods and the KubeRay operator to a head's ports, and anyone else to Serve's 8000."""
+    aws = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    head_start = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    policy = yaml.safe_load((CLUSTER / "kuberay" / "policy" / "head-ports.yaml").read_text())
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"} and spec["policyTypes"] == ["Ingress"]
+    open_ports = set()
+    for rule in spec["ingress"]:
+        sources = rule.get("from")
+        if not sources:  # a rule without `from` admits every source: only Serve's port may be in one
+            ports = rule.get("ports")
+            assert ports, "a rule without `from` and without `ports` opens every port to everyone"
+            open_ports |= {p["port"] for p in ports}
+            continue
+        for source in sources:
+            assert "ipBlock" not in source, source  # no CIDR (0.0.0.0/0 or otherwise) reaches the control ports
+            assert set(source) <= {"podSelector", "namespaceSelector"}
+            if "namespaceSelector" in source:  # a named namespace, never `{}` (every namespace)
+                assert source["namespaceSelector"].get("matchLabels"), source
+    assert open_ports == {8000}
+    heads = [
+        (name, cluster["headGroupSpec"]) for name, doc in manifests().items()
+        for cluster in (doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"],)
+        if "headGroupSpec" in cluster  # RayJobs on the long-lived cluster start no head of their own
+    ]
+    assert {name for name, _ in heads} >= {"raycluster.yaml", "rayservice.yaml"}
+    for name, head in heads:  # every head the manifests start is one the policy selects
+        labels = head["template"].get("metadata", {}).get("labels", {})
+        assert labels.get("ray.io/node-type", "head") == "head", name  # KubeRay's own label is not overridden

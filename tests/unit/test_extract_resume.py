@@ -3,16 +3,19 @@ and local entries that cannot be read stay inputs."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mengzi_ray.config import ConfigError
 from mengzi_ray.features import extract, inputs
 from mengzi_ray.features.card import InputSection
 from mengzi_ray.features.extract import _errors_only, _to_retry, drop_error_rows, read_and_decode, scan_output
@@ -119,3 +122,48 @@ def test_a_dangling_symlink_is_an_input_with_a_read_error(tmp_path: Path) -> Non
     assert [r["image_id"] for r in rows] == ["broken", "ok"]
     out = read_and_decode(pa.Table.from_pylist(rows), max_pixels=10_000).to_pylist()
     assert [(r["image_id"], r["stage"]) for r in out] == [("broken", "read"), ("ok", "")]
+
+
+class DeniedFilesystem:
+    """The local filesystem, except that opening `denied` fails as pyarrow fails on EACCES (an OSError with errno
+    13, which Python makes a PermissionError). This machine's tests run as root, which file modes do not stop."""
+
+    def __init__(self, denied: str) -> None:
+        self.fs, self.denied = pafs.LocalFileSystem(), denied
+
+    def open_input_stream(self, path: str) -> Any:
+        if path == self.denied:
+            raise OSError(errno.EACCES, f"Failed to open local file '{path}'. Detail: [errno 13] Permission denied")
+        return self.fs.open_input_stream(path)
+
+
+def test_a_file_without_read_permission_is_a_permanent_error_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ok", "secret"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "secret.png").chmod(0o000)
+    rows = inputs.list_inputs(InputSection(uri=str(tmp_path)))
+    assert [r["image_id"] for r in rows] == ["ok", "secret"]  # listed, not dropped
+    denied = DeniedFilesystem(str(tmp_path / "secret.png"))
+    monkeypatch.setattr(inputs, "uri_location", lambda uri: (denied, inputs.unquote(inputs.urlparse(uri).path)))
+    out = read_and_decode(pa.Table.from_pylist(rows), max_pixels=10_000)
+    assert [(r["image_id"], r["stage"]) for r in out.to_pylist()] == [("ok", ""), ("secret", "access")]
+    assert "Permission denied" in out.column("error")[1].as_py()
+    errors = _errors_only(out, "job")
+    assert errors.column("transient").to_pylist() == [False]  # a re-run would only repeat it
+    assert _to_retry({"secret": "access"}, "transient") == set() and _to_retry({"secret": "access"}, "all") == {"secret"}
+
+
+def test_a_directory_that_cannot_be_listed_stops_the_job_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "locked").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked" / "hidden.png")
+    scandir = os.scandir
+
+    def denying_scandir(path: Any = ".") -> Any:
+        if str(path) == str(tmp_path / "locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denying_scandir)
+    with pytest.raises(ConfigError, match=f"cannot list {tmp_path / 'locked'}: Permission denied"):
+        inputs.list_inputs(InputSection(uri=str(tmp_path)))

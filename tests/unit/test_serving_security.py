@@ -30,13 +30,16 @@ ApiClass = Api.func_or_class.__mro__[1]
 class Method:
     """Stands in for `handle.<method>`: `.remote(...)` is awaitable like a DeploymentResponse."""
 
-    def __init__(self, answer: Any = None, delay_s: float = 0.0, error: BaseException | None = None) -> None:
-        self.answer, self.delay_s, self.error, self.calls = answer, delay_s, error, 0
+    def __init__(
+        self, answer: Any = None, delay_s: float = 0.0, error: BaseException | None = None, failing_calls: int | None = None
+    ) -> None:
+        """`error` is raised by every call, or by the first `failing_calls` calls when that is given."""
+        self.answer, self.delay_s, self.error, self.failing_calls, self.calls = answer, delay_s, error, failing_calls, 0
 
     async def _run(self) -> Any:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        if self.error is not None:
+        if self.error is not None and (self.failing_calls is None or self.calls <= self.failing_calls):
             raise self.error
         return self.answer
 
@@ -103,24 +106,51 @@ def test_a_model_call_times_out_at_the_server_limit_whatever_the_client_asks(mon
     assert "call_timeout_s=0.5" in timed_out.value.message
 
 
-def test_server_faults_are_503_and_a_dead_replica_is_retried_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray.exceptions import RayActorError
-
+def test_server_faults_are_503_and_a_client_fault_stays_4xx(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = Method(error=RuntimeError("CUDA out of memory"))
     api = make_api(monkeypatch, "t", captioner=Handle(caption=broken, info=Method({})))
     with pytest.raises(ApiError) as fault:
         asyncio.run(api._call(api.captioner.caption, "job"))
     assert (fault.value.status, fault.value.code) == (503, "model_unavailable")
-    dead = Method(error=RayActorError())
-    api = make_api(monkeypatch, "t", captioner=Handle(caption=dead, info=Method({})))
-    with pytest.raises(ApiError, match="RayActorError"):
-        asyncio.run(api._call(api.captioner.caption, "job"))
-    assert dead.calls == 2
     refused = ApiError(422, "bad_regions", "x")
     api = make_api(monkeypatch, "t", captioner=Handle(caption=Method(answer=refused), info=Method({})))
     with pytest.raises(ApiError) as client_fault:
         asyncio.run(api._call(api.captioner.caption, "job"))
     assert client_fault.value.status == 422
+
+
+def test_a_replica_that_died_holding_only_this_request_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L7: a poison request (it OOM-kills its replica) must not take down a second replica by its retry."""
+    from ray.exceptions import ActorDiedError
+
+    poison = Method(answer=["caption"], error=ActorDiedError(), failing_calls=1)
+    api = make_api(monkeypatch, "t", captioner=Handle(caption=poison, info=Method({})))
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(api._call(api.captioner.caption, "job"))
+    assert (refused.value.status, refused.value.code) == (503, "model_unavailable")
+    assert "not retried" in refused.value.message and poison.calls == 1  # the second replica never saw it
+
+
+def test_a_replica_that_died_with_other_calls_or_was_unreachable_is_retried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    died = ActorDiedError()
+    died.actor_id = "replica-a"
+    batch = Method(answer=["caption"], error=died, failing_calls=2)  # one replica held both calls when it died
+    api = make_api(monkeypatch, "t", captioner=Handle(caption=batch, info=Method({})))
+
+    async def two_calls() -> list[Any]:
+        return await asyncio.gather(api._call(api.captioner.caption, "a"), api._call(api.captioner.caption, "b"))
+
+    assert asyncio.run(two_calls()) == [["caption"], ["caption"]] and batch.calls == 4  # each retried once
+    unreachable = Method(answer=["caption"], error=ActorUnavailableError("connection lost", None), failing_calls=1)
+    api = make_api(monkeypatch, "t", captioner=Handle(caption=unreachable, info=Method({})))
+    assert asyncio.run(api._call(api.captioner.caption, "job")) == ["caption"] and unreachable.calls == 2
+    twice = Method(error=ActorUnavailableError("connection lost", None))
+    api = make_api(monkeypatch, "t", captioner=Handle(caption=twice, info=Method({})))
+    with pytest.raises(ApiError, match="ActorUnavailableError"):
+        asyncio.run(api._call(api.captioner.caption, "job"))
+    assert twice.calls == 2  # once, not forever
 
 
 def test_detector_input_errors_are_422_and_model_faults_503() -> None:

@@ -48,3 +48,19 @@ def test_a_resumed_epoch_sees_each_remaining_example_once(monkeypatch: pytest.Mo
     assert sorted(ids) == sorted(f"img{i}" for i in range(40)) and len(set(ids)) == 40  # each example exactly once
     assert resumed_shard.seeds == [shuffle_seed(7, 1, 1)] and shard.seeds == [shuffle_seed(7, 0, 1), shuffle_seed(7, 1, 1)]
     assert len({shuffle_seed(7, e, r) for e in range(3) for r in range(3)}) == 9  # epochs and ranks differ
+
+
+def test_a_cached_run_resumed_in_a_later_epoch_replays_the_interrupted_permutation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "to_records", lambda batch: batch.column("image_id").to_pylist())
+    first = DataPosition()
+    shard = SeededShard()
+    interrupted = list(islice(micro_batches(shard, 4, 16, first, cache=True, seed=7, rank=0), 25))  # epochs 0, 1 and 5 of 2
+    assert (first.epoch, first.batches) == (2, 5) and len(shard.seeds) == 1  # epochs 1 and 2 came from the cache
+    resumed_shard = SeededShard()
+    rest = list(islice(micro_batches(resumed_shard, 4, 16, DataPosition(2, 5), cache=True, seed=7, rank=0), 5))
+    assert resumed_shard.seeds == [shuffle_seed(7, 0, 0)]  # epoch 0 re-read to rebuild the cache, nothing yielded from it
+    epoch2 = interrupted[20:] + rest
+    ids = [i for batch in epoch2 for i in batch]
+    assert sorted(ids) == sorted(f"img{i}" for i in range(40))  # each example of the resumed epoch exactly once
+    uninterrupted = list(islice(micro_batches(SeededShard(), 4, 16, DataPosition(), cache=True, seed=7, rank=0), 30))
+    assert epoch2 == uninterrupted[20:30]  # the same order as a run that never stopped

@@ -109,7 +109,7 @@ def test_micro_batches_track_and_skip_the_data_position(data: Path) -> None:
     resumed = micro_batches(FakeShard(joined), 5, 16, DataPosition(0, 3))
     assert next(resumed)[0].texts[0] == seen[3]  # skips the batches already consumed in the epoch
     shard = FakeShard(joined)
-    cached = micro_batches(shard, 5, 16, DataPosition(), np.random.default_rng(0))
+    cached = micro_batches(shard, 5, 16, DataPosition(), cache=True)
     texts = [r.texts[0] for _ in range(3 * per_epoch) for r in next(cached)]
     assert shard.calls == 1 and len(texts) == 3 * per_epoch * 5  # later epochs come from the worker's cache
     too_small = micro_batches(FakeShard(joined.slice(0, 4)), 5, 16, DataPosition())
