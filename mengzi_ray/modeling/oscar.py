@@ -10,13 +10,17 @@ cache (keys/values of positions that later steps attend to, used by decoding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 
+from mengzi_ray.modeling.attention import Packing, Queries, attend, merge_heads, packed_attention, split_heads
 from mengzi_ray.modeling.config import OscarConfig
 
 # Per layer: (keys, values), each (batch, heads, cached_positions, head_dim).
@@ -59,6 +63,7 @@ class OscarModel(nn.Module):
         self.encoder.layer = nn.ModuleList(BertLayer(bert_config, layer_idx=i) for i in range(config.num_hidden_layers))
         self.pooler = BertPooler(bert_config)
         self.attention_dropout = config.attention_probs_dropout_prob
+        self.gradient_checkpointing = False  # set by the training step (optim.gradient_checkpointing)
 
     def embed_regions(self, img_feats: torch.Tensor) -> torch.Tensor:
         if img_feats.dim() != 3 or img_feats.shape[-1] != self.config.img_feature_dim:
@@ -86,6 +91,72 @@ class OscarModel(nn.Module):
         the mask's last K columns are [cached positions, then this call's positions]. Returns hidden states of
         this call's positions; with `return_kv` also each layer's keys/values of those positions.
         """
+        hidden = self._embed(input_ids, attention_mask, token_type_ids, img_feats, position_ids, past_kv)
+        bias = additive_attention_mask(attention_mask, hidden.dtype)
+        layer_kv: KVCache = []
+        for i, layer in enumerate(self.encoder.layer):
+            hidden, kv = self._run(self._layer, layer, hidden, bias, past_kv[i] if past_kv else None)
+            layer_kv.append(kv)
+        pooled = self.pooler(hidden)
+        return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
+
+    def forward_read_out(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        read_out: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training forward that returns only the final hidden states at `read_out` (B, T) or (B, T+R) 0/1
+        positions, as (M, H) in row-major order (what `last_hidden_state[read_out == 1]` would give).
+
+        The trunk runs packed (attention.Packing: positions nobody attends are skipped) and the last layer
+        computes only the read-out rows; no pooler. Same values as `forward`, less work; ValueError when a
+        read-out position is padding."""
+        hidden = self._embed(input_ids, attention_mask, token_type_ids, img_feats, position_ids, None)
+        bias = additive_attention_mask(attention_mask, hidden.dtype)
+        packing = Packing.from_mask(attention_mask)
+        wanted = F.pad(read_out, (0, hidden.shape[1] - read_out.shape[1])).reshape(-1)
+        position = torch.nonzero(wanted == 1).squeeze(1)
+        queries = Queries(packing.locate(position), position)
+        hidden = packing.pack(hidden)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            hidden = self._run(self._packed_layer, layer, hidden, bias, packing, queries if i == last else None)
+        return hidden
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), recomputed in the backward pass instead of stored when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _packed_layer(
+        self, layer: BertLayer, hidden: torch.Tensor, bias: torch.Tensor, packing: Packing, queries: Queries | None
+    ) -> torch.Tensor:
+        """One post-LN BERT layer on packed tokens (T, H); with `queries` only their rows come out (M, H)."""
+        attn = layer.attention.self
+        rows = hidden if queries is None else hidden.index_select(0, queries.token)
+        dropout = self.attention_dropout if self.training else 0.0
+        ctx = packed_attention(
+            attn.query(rows), attn.key(hidden), attn.value(hidden), bias, self.config.num_attention_heads, dropout,
+            packing, queries,
+        )
+        rows = layer.attention.output(ctx, rows)
+        return layer.output(layer.intermediate(rows), rows)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        img_feats: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past_kv: KVCache | None,
+    ) -> torch.Tensor:
+        """(B, T+R, H) embeddings of text then regions, after checking the mask fits them (and the cache)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
         if token_type_ids is None:
@@ -100,13 +171,7 @@ class OscarModel(nn.Module):
                 f"{num_keys} attended positions (text {input_ids.shape[1]} + regions "
                 f"{0 if img_feats is None else img_feats.shape[1]} + cached)"
             )
-        bias = additive_attention_mask(attention_mask, hidden.dtype)
-        layer_kv: KVCache = []
-        for i, layer in enumerate(self.encoder.layer):
-            hidden, kv = self._layer(layer, hidden, bias, past_kv[i] if past_kv else None)
-            layer_kv.append(kv)
-        pooled = self.pooler(hidden)
-        return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
+        return hidden
 
     def _layer(
         self,
@@ -117,19 +182,13 @@ class OscarModel(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One post-LN BERT layer, using the BertLayer's own weights (keys stay the original's)."""
         attn = layer.attention.self
-        b, n, _ = hidden.shape
-        heads, d = self.config.num_attention_heads, self.config.head_dim
-        q = attn.query(hidden).view(b, n, heads, d).transpose(1, 2)
-        k = attn.key(hidden).view(b, n, heads, d).transpose(1, 2)
-        v = attn.value(hidden).view(b, n, heads, d).transpose(1, 2)
+        heads = self.config.num_attention_heads
+        q, k, v = (split_heads(proj(hidden), heads) for proj in (attn.query, attn.key, attn.value))
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        ctx = ctx.transpose(1, 2).reshape(b, n, heads * d)
+        ctx = merge_heads(attend(q, k, v, bias, self.attention_dropout if self.training else 0.0))
         hidden = layer.attention.output(ctx, hidden)
         hidden = layer.output(layer.intermediate(hidden), hidden)
         return hidden, new_kv

@@ -16,13 +16,14 @@ from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.modeling.inference import collate
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
+from mengzi_ray.training.step import StepOptions, TrainStep
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", "masked_pos", "masked_ids")
 
 
-def caption_step(model: OscarForCaptioning, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def caption_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward one training batch; returns the loss (autocast is the caller's choice)."""
     return model(**{k: batch[k] for k in MODEL_INPUTS}).loss
 
@@ -37,16 +38,19 @@ def train_captioner(
     lr: float,
     weight_decay: float = 0.05,
     warmup_steps: int = 0,
-    max_grad_norm: float = 1.0,
     seed: int = 88,
     log_every: int = 50,
+    options: StepOptions = StepOptions(),
 ) -> list[float]:
-    """Train for `steps` optimiser steps on (image, caption) pairs sampled uniformly; returns the loss per step."""
+    """Train for `steps` optimiser steps on (image, caption) pairs sampled uniformly; returns the loss per step.
+    `options`: precision, fused AdamW, checkpointing, compile and clipping, as the Ray loop takes them from a card."""
     pairs = [(r, caption) for r in records for caption in r.texts]
     rng = np.random.default_rng(seed)
-    optimizer = build_optimizer(model, lr, weight_decay)
-    scheduler = warmup_linear(optimizer, warmup_steps, steps)
     device = next(model.parameters()).device
+    optimizer = build_optimizer(model, lr, weight_decay, fused=options.fused)
+    scheduler = warmup_linear(optimizer, warmup_steps, steps)
+    step_fn = TrainStep(model, optimizer, options, device)
+    forward = step_fn.forward_module(model)
     model.train()
     losses = []
     for step in range(steps):
@@ -55,11 +59,11 @@ def train_captioner(
             [tensorizer.train_example(pairs[i][1], pairs[i][0].od_labels, pairs[i][0].features, rng) for i in chosen],
             device,
         )
-        loss = caption_step(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        with step_fn.autocast():
+            loss = caption_step(forward, batch)
+        step_fn.backward(loss)
+        step_fn.update()
         scheduler.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
