@@ -1,11 +1,14 @@
-"""Caption training throughput on Ray Train: 2 workers vs 1 worker, and vs the same model in a plain
-single-process PyTorch loop (the Ray overhead).
+"""Caption training throughput on Ray Train (1 worker, and 2 for the small model) vs the same model in a plain
+single-process PyTorch loop (the Ray overhead), at two sizes of jobs/caption_tiny.yaml's captioner
+(A/L/R 24/30/5, vocab built from the synthetic set):
 
-All three train the tiny captioner of jobs/caption_tiny.yaml (hidden 128, 2 layers, A/L/R 24/30/5) with 16 rows
-per worker per step on the synthetic set. Ray runs report a wall-clock time at every validation; samples/s is
-measured between the first and the last report (startup, the first data-pipeline pass and the final export are
-excluded; the tiny 2-image greedy validation between reports is included). The plain loop is
-`caption_local.train_captioner` (one process, examples tensorised in the loop, no Ray Data, no DDP).
+    small   hidden 256, 4 layers, 4 heads, FFN 1024, 16 rows per worker per step
+    base    hidden 768, 12 layers, 12 heads, FFN 3072, 4 rows per worker per step
+
+Ray runs report a wall-clock time at every validation; samples/s is measured between the first and the last
+report (startup, the first data-pipeline pass and the final export are excluded; the tiny 2-image greedy
+validation between reports is included). The plain loop is `caption_local.train_captioner` (one process,
+examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,32 +35,59 @@ from mengzi_ray.training.tasks import CaptionTask
 
 SCRIPT = "bench_train_ray"
 CARD = Path(__file__).resolve().parent.parent / "jobs" / "caption_tiny.yaml"
-PER_WORKER, STEPS, EVERY = 16, 120, 40
 
 
-def ray_samples_per_second(workers: int, data: Path, root: Path) -> float:
+@dataclass(frozen=True)
+class Case:
+    """A model size, rows per worker per step, the steps of a run and the validation (= report) interval."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    per_worker: int
+    steps: int
+    every: int
+    worker_counts: tuple[int, ...]
+
+    def overrides(self) -> list[str]:
+        return [f"model.tiny.hidden_size={self.hidden}", f"model.tiny.num_hidden_layers={self.layers}",
+                f"model.tiny.num_attention_heads={self.heads}", f"model.tiny.intermediate_size={self.intermediate}"]
+
+
+CASES = (
+    Case("small", 256, 4, 4, 1024, per_worker=16, steps=60, every=20, worker_counts=(1, 2)),
+    Case("base", 768, 12, 12, 3072, per_worker=4, steps=30, every=10, worker_counts=(1,)),
+)
+
+
+def ray_samples_per_second(case: Case, workers: int, data: Path, root: Path) -> float:
     card = load_card(CaptionCard, CARD, [
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={root}",
-        f"run.name=bench-{workers}", f"scaling.num_workers={workers}", f"batch.per_worker_batch_size={PER_WORKER}",
-        f"batch.global_batch_size={PER_WORKER * workers}", f"schedule.max_steps={STEPS}", f"validation.every_steps={EVERY}",
-        "data.max_val_images=2", "caption.num_beams=1", "optim.warmup_steps=0",
+        f"run.name=bench-{case.name}-{workers}", f"scaling.num_workers={workers}",
+        f"batch.per_worker_batch_size={case.per_worker}", f"batch.global_batch_size={case.per_worker * workers}",
+        f"schedule.max_steps={case.steps}", f"validation.every_steps={case.every}",
+        "data.max_val_images=2", "caption.num_beams=1", "optim.warmup_steps=0", *case.overrides(),
     ])
     run_training(card, controller_failure_limit=1)
-    history = [json.loads(line) for line in (root / f"bench-{workers}" / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (root / card.run.name / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
-    return (last["step"] - first["step"]) * PER_WORKER * workers / (last["wall_time"] - first["wall_time"])
+    return (last["step"] - first["step"]) * case.per_worker * workers / (last["wall_time"] - first["wall_time"])
 
 
-def plain_samples_per_second(data: Path, init_dir: Path) -> float:
+def plain_samples_per_second(case: Case, data: Path, init_dir: Path) -> float:
+    """The same init dir as the Ray runs; a warm-up of a quarter interval, then as many steps as Ray measures."""
     tokenizer = load_tokenizer(init_dir)
     card = load_card(CaptionCard, CARD, [f"data.features={data}/features", f"data.text={data}/text.jsonl"])
     model = OscarForCaptioning.from_pretrained(init_dir)
     records = load_image_records(data / "features/part-0.parquet", data / "text.jsonl", "train")
     tensorizer = CaptionTensorizer(tokenizer, CaptionTask(card, tokenizer).layout)
-    train_captioner(model, tensorizer, records, steps=EVERY // 4, batch_size=PER_WORKER, lr=5e-4, log_every=0)  # warm-up
+    steps = case.steps - case.every
+    train_captioner(model, tensorizer, records, steps=max(1, case.every // 4), batch_size=case.per_worker, lr=5e-4, log_every=0)
     start = time.perf_counter()
-    train_captioner(model, tensorizer, records, steps=STEPS - EVERY, batch_size=PER_WORKER, lr=5e-4, log_every=0)
-    return (STEPS - EVERY) * PER_WORKER / (time.perf_counter() - start)
+    train_captioner(model, tensorizer, records, steps=steps, batch_size=case.per_worker, lr=5e-4, log_every=0)
+    return steps * case.per_worker / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -66,15 +97,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
-        results = {"ray_1_worker": ray_samples_per_second(1, data, root / "runs")}
-        results["ray_2_workers"] = ray_samples_per_second(2, data, root / "runs")
-        ray.shutdown()
-        results["plain_loop"] = plain_samples_per_second(data, root / "runs" / "bench-1" / "init")
-    base = results["plain_loop"]
-    rows = [[name, f"{v:.1f}", f"{v / base:.2f}", f"{v / results['ray_1_worker']:.2f}"] for name, v in results.items()]
-    print_table(["setup", "samples/s", "vs plain loop", "vs 1 worker"], rows)
-    settings = {"per_worker_batch": PER_WORKER, "steps": STEPS, "measured_between_steps": [EVERY, STEPS], "card": CARD.name}
+        results: dict[str, dict[str, float]] = {}
+        for case in CASES:
+            ray.init(address="local", num_cpus=4, include_dashboard=False)
+            rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, data, root / "runs")
+                     for n in case.worker_counts}
+            ray.shutdown()
+            rates["plain_loop"] = plain_samples_per_second(case, data, root / "runs" / f"bench-{case.name}-1" / "init")
+            results[case.name] = rates
+    rows = [[case, name, f"{v:.1f}", f"{v / r['plain_loop']:.2f}", f"{v / r['ray_1_worker']:.2f}"]
+            for case, r in results.items() for name, v in r.items()]
+    print_table(["model", "setup", "samples/s", "vs plain loop", "vs 1 worker"], rows)
+    settings = {"cases": [c.__dict__ for c in CASES], "card": CARD.name,
+                "measured": "between the first and the last validation report (steps every..steps)"}
     write_results(SCRIPT, torch.device("cpu"), commit, settings, results)
 
 

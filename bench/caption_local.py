@@ -9,13 +9,13 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.modeling import OscarForCaptioning
 from mengzi_ray.inference import collate
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
+from mengzi_ray.training.step import StepOptions, TrainStep
 from mengzi_ray.training.tasks import caption_loss
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,19 @@ def train_captioner(
     lr: float,
     weight_decay: float = 0.05,
     warmup_steps: int = 0,
-    max_grad_norm: float = 1.0,
     seed: int = 88,
     log_every: int = 50,
+    options: StepOptions = StepOptions(),
 ) -> list[float]:
-    """Train for `steps` optimiser steps on (image, caption) pairs sampled uniformly; returns the loss per step."""
+    """Train for `steps` optimiser steps on (image, caption) pairs sampled uniformly; returns the loss per step.
+    `options`: precision, fused AdamW, checkpointing, compile and clipping, as the Ray loop takes them from a card."""
     pairs = [(r, caption) for r in records for caption in r.texts]
     rng = np.random.default_rng(seed)
-    optimizer = build_optimizer(model, lr, weight_decay)
-    scheduler = warmup_linear(optimizer, warmup_steps, steps)
     device = next(model.parameters()).device
+    optimizer = build_optimizer(model, lr, weight_decay, fused=options.fused)
+    scheduler = warmup_linear(optimizer, warmup_steps, steps)
+    step_fn = TrainStep(model, optimizer, options, device)
+    forward = step_fn.forward_module(model)
     model.train()
     losses = []
     for step in range(steps):
@@ -49,11 +52,11 @@ def train_captioner(
             [tensorizer.train_example(pairs[i][1], pairs[i][0].od_labels, pairs[i][0].features, rng) for i in chosen],
             device,
         )
-        loss = caption_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+        with step_fn.autocast():
+            loss = caption_loss(forward, batch)
+        step_fn.backward(loss)
+        step_fn.update()
         scheduler.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:

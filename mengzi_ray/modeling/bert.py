@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mengzi_ray.modeling.attention import attend
+
 # The activations pytorch_transformers' BERT accepted by name in config.json (`hidden_act`); "gelu" is the exact
 # erf form, as in the original.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
@@ -80,7 +82,7 @@ class SelfAttention(nn.Module):
         new_kv = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        ctx = attend(q, k, v, bias, self.dropout if self.training else 0.0)
         return ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim), new_kv
 
 

@@ -154,13 +154,13 @@ class OscarForCaptioning(OscarPreTrainedModel):
         is_training: bool | None = None,
     ) -> TaskOutput:
         training = masked_ids is not None if is_training is None else is_training
-        out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
-        text = out.last_hidden_state[:, : input_ids.shape[1]]
         if not training:
-            return TaskOutput(logits=self.cls(text))
+            out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
+            return TaskOutput(logits=self.cls(out.last_hidden_state[:, : input_ids.shape[1]]))
         if masked_pos is None or masked_ids is None:
             raise ValueError("captioning training needs masked_pos (B, T) and masked_ids (B, max_masked)")
-        selected = text[masked_pos == 1]
+        # Only the masked positions are read: the trunk skips padding and the last layer's other rows.
+        selected = self.bert.forward_read_out(input_ids, attention_mask, masked_pos, token_type_ids, img_feats, position_ids)
         target = masked_ids[masked_ids != 0]
         if selected.shape[0] != target.shape[0]:
             raise ValueError(f"{selected.shape[0]} masked positions but {target.shape[0]} non-pad masked_ids")

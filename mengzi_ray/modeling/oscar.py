@@ -10,11 +10,16 @@ positions that later steps attend to, used by decoding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from mengzi_ray.modeling.attention import Packing, Queries, packed_attention
 from mengzi_ray.modeling.bert import BertLayer, KeyValues, Pooler, TextEmbeddings
 from mengzi_ray.modeling.config import OscarConfig
 
@@ -65,6 +70,8 @@ class OscarModel(nn.Module):
             for _ in range(config.num_hidden_layers)
         )
         self.pooler = Pooler(config.hidden_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.gradient_checkpointing = False  # set by the training step (optim.gradient_checkpointing)
 
     def embed_regions(self, img_feats: torch.Tensor) -> torch.Tensor:
         if img_feats.dim() != 3 or img_feats.shape[-1] != self.config.img_feature_dim:
@@ -92,6 +99,72 @@ class OscarModel(nn.Module):
         the mask's last K columns are [cached positions, then this call's positions]. Returns hidden states of
         this call's positions; with `return_kv` also each layer's keys/values of those positions.
         """
+        hidden = self._embed(input_ids, attention_mask, token_type_ids, img_feats, position_ids, past_kv)
+        bias = additive_attention_mask(attention_mask, hidden.dtype)
+        layer_kv: KVCache = []
+        for i, layer in enumerate(self.encoder.layer):
+            hidden, kv = self._run(layer, hidden, bias, past_kv[i] if past_kv else None)
+            layer_kv.append(kv)
+        pooled = self.pooler(hidden)
+        return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
+
+    def forward_read_out(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        read_out: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        img_feats: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training forward that returns only the final hidden states at `read_out` (B, T) or (B, T+R) 0/1
+        positions, as (M, H) in row-major order (what `last_hidden_state[read_out == 1]` would give).
+
+        The trunk runs packed (attention.Packing: positions nobody attends are skipped) and the last layer
+        computes only the read-out rows; no pooler. Same values as `forward`, less work; ValueError when a
+        read-out position is padding."""
+        hidden = self._embed(input_ids, attention_mask, token_type_ids, img_feats, position_ids, None)
+        bias = additive_attention_mask(attention_mask, hidden.dtype)
+        packing = Packing.from_mask(attention_mask)
+        wanted = F.pad(read_out, (0, hidden.shape[1] - read_out.shape[1])).reshape(-1)
+        position = torch.nonzero(wanted == 1).squeeze(1)
+        queries = Queries(packing.locate(position), position)
+        hidden = packing.pack(hidden)
+        last = len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            hidden = self._run(self._packed_layer, layer, hidden, bias, packing, queries if i == last else None)
+        return hidden
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args), recomputed in the backward pass instead of stored when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _packed_layer(
+        self, layer: BertLayer, hidden: torch.Tensor, bias: torch.Tensor, packing: Packing, queries: Queries | None
+    ) -> torch.Tensor:
+        """One post-LN BERT layer on packed tokens (T, H); with `queries` only their rows come out (M, H)."""
+        attn = layer.attention.self
+        rows = hidden if queries is None else hidden.index_select(0, queries.token)
+        dropout = self.attention_dropout if self.training else 0.0
+        ctx = packed_attention(
+            attn.query(rows), attn.key(hidden), attn.value(hidden), bias, self.config.num_attention_heads, dropout,
+            packing, queries,
+        )
+        rows = layer.attention.output(ctx, rows)
+        return layer.output(layer.intermediate(rows), rows)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        img_feats: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        past_kv: KVCache | None,
+    ) -> torch.Tensor:
+        """(B, T+R, H) embeddings of text then regions, after checking the mask fits them (and the cache)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
         if token_type_ids is None:
@@ -106,10 +179,4 @@ class OscarModel(nn.Module):
                 f"{num_keys} attended positions (text {input_ids.shape[1]} + regions "
                 f"{0 if img_feats is None else img_feats.shape[1]} + cached)"
             )
-        bias = additive_attention_mask(attention_mask, hidden.dtype)
-        layer_kv: KVCache = []
-        for i, layer in enumerate(self.encoder.layer):
-            hidden, kv = layer(hidden, bias, past_kv[i] if past_kv else None)
-            layer_kv.append(kv)
-        pooled = self.pooler(hidden)
-        return OscarOutput(hidden, pooled, layer_kv if return_kv else None)
+        return hidden

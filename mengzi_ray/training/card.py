@@ -71,7 +71,17 @@ class OptimSection(Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     max_grad_norm: float = Field(1.0, description="clip the global grad norm; <= 0 disables clipping")
-    amp: bool = Field(True, description="bf16 autocast on GPU workers (CPU workers always run fp32)")
+    amp: bool = Field(True, description="autocast (amp_dtype) on GPU workers; CPU workers run fp32 unless amp_on_cpu")
+    amp_dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16", description="autocast dtype; float16 adds a GradScaler (dynamic loss scaling)"
+    )
+    amp_on_cpu: bool = Field(False, description="autocast on CPU workers too (CPUs with bf16 units; tests)")
+    fused: bool = Field(True, description="fused AdamW kernel where the device has one, else the foreach kernel")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass (memory for compute)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (dynamic shapes) before the first step")
+    compile_backend: str = Field("inductor", description="torch.compile backend (aot_eager: graph capture, no codegen)")
     seed: int = 88
 
 

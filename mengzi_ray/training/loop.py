@@ -1,7 +1,8 @@
 """The per-worker train loop (one function for every task), run by Ray Train's TorchTrainer on each worker.
 
 Per optimizer step: `accumulation` micro-batches of `per_worker_batch_size` rows from this worker's shard
-(DDP gradient sync only on the last), bf16 autocast on GPU, clip, AdamW step, then the warmup-linear scheduler.
+(DDP gradient sync only on the last), then clip, AdamW step and the warmup-linear scheduler; precision, fused AdamW,
+gradient checkpointing and torch.compile come from the card's optim section (training/step.py).
 Every `validation.every_steps` steps (and at the end) rank 0 validates and every rank calls `ray.train.report`
 (a barrier); every `checkpoint_every` steps rank 0 attaches a full-state checkpoint:
 
@@ -42,6 +43,7 @@ from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.card import TrainCard
 from mengzi_ray.training.examples import to_records
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
+from mengzi_ray.training.step import StepOptions, TrainStep
 from mengzi_ray.training.tasks import NegativePool, Task, task_for
 
 STATE_FILE = "train_state.pt"
@@ -141,7 +143,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = task_for(card, load_tokenizer(init_dir))
     core = task.model_class.from_pretrained(init_dir, from_bert=config["from_bert"], **task.config_overrides())
     core.to(device)
-    optimizer = build_optimizer(core, card.optim.learning_rate, card.optim.weight_decay, task.no_decay)
+    options = StepOptions.from_card(card.optim, device)
+    optimizer = build_optimizer(core, card.optim.learning_rate, card.optim.weight_decay, task.no_decay, fused=options.fused)
+    step = TrainStep(core, optimizer, options, device)
     scheduler = warmup_linear(optimizer, card.optim.warmup_steps, card.schedule.max_steps)
     rng = np.random.default_rng([card.optim.seed, rank])
     torch.manual_seed(card.optim.seed + rank)
@@ -149,11 +153,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = _restore(Path(d), core, optimizer, scheduler, task, rng, rank, card.optim.seed)
+            state = _restore(Path(d), core, step, scheduler, task, rng, rank, card.optim.seed)
     if task.manual_grad_sync or world == 1:
         model = core
     else:
         model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    forward = step.forward_module(model)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     val_rows = [r for b in val_shard.iter_batches(batch_format="pyarrow") for r in to_records(b)] if rank == 0 else []
@@ -163,7 +168,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         card.data.cache_in_workers, seed=card.optim.seed, rank=rank,
     )
     pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
-    use_amp = card.optim.amp and device.type == "cuda"
     accumulation = card.accumulation_steps
     recent: list[float] = []
     resumed_from = state.step
@@ -178,15 +182,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pool.add(rows)
             batch = {k: torch.as_tensor(v).to(device) for k, v in task.make_batch(rows, rng, pool).items()}
             sync = model.no_sync() if model is not core and i < accumulation - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = task.loss(model, batch) / accumulation
-                loss.backward()
+            with sync:
+                with step.autocast():
+                    loss = task.loss(forward, batch) / accumulation
+                step.backward(loss)
             step_loss += loss.item()
         if task.manual_grad_sync and world > 1:
             _average_gradients(core, world)
-        if card.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(core.parameters(), card.optim.max_grad_norm)
-        optimizer.step()
+        step.update()
         scheduler.step()
         state.step += 1
         recent.append(step_loss)
@@ -206,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if save:  # every rank adds its RNG file; Ray Train uploads the ranks' files into one checkpoint dir
                 if rank == 0:
-                    _save(Path(d), core, optimizer, scheduler, task, rng, state)
+                    _save(Path(d), core, step, scheduler, task, rng, state)
                 _save_rng(Path(d), rank, rng)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -230,11 +233,12 @@ def _average_gradients(core: torch.nn.Module, world: int) -> None:
         grad.copy_(averaged)
 
 
-def _save(d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, state: LoopState) -> None:
+def _save(d: Path, core: Any, step: TrainStep, scheduler: Any, task: Task, rng: np.random.Generator, state: LoopState) -> None:
     core.save_pretrained(d)
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "step_state": step.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": state.step,
             "epoch": state.position.epoch,
@@ -261,12 +265,13 @@ def _save_rng(d: Path, rank: int, rng: np.random.Generator) -> None:
 
 
 def _restore(
-    d: Path, core: Any, optimizer: Any, scheduler: Any, task: Task, rng: np.random.Generator, rank: int, seed: int
+    d: Path, core: Any, step: TrainStep, scheduler: Any, task: Task, rng: np.random.Generator, rank: int, seed: int
 ) -> LoopState:
     core.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     core.tie_weights()
     saved = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    step.optimizer.load_state_dict(saved["optimizer"])
+    step.load_state_dict(saved.get("step_state", {}))
     scheduler.load_state_dict(saved["scheduler"])
     task.load_state(core, saved["task"])
     step = int(saved["step"])
