@@ -52,6 +52,7 @@ CONCURRENCY = 16
 PARTS = ["batching", "upload", "kill", "retrieval"]
 SHAPES = ["圆形", "正方形", "三角形"]
 ROOT = Path(__file__).resolve().parents[1]
+CALL_TIMEOUT_S = 600.0
 GIVEN_BOXES = {"backend": "given_boxes", "given_boxes_featurizer": "pixel_crops"}
 
 
@@ -77,7 +78,8 @@ def app_config(caption_dir: str, retrieval_dir: str, features: str, max_batch_si
             "ingress": {"num_cpus": 0.5, "max_ongoing_requests": 64},
             "allow_anonymous": True,
             "auth_token_env": "MENGZI_BENCH_NO_TOKEN",
-            "limits": {"max_pixels": 16_000_000},
+            # batch size 1 on a base-shaped model queues 16 requests × seconds each: no 503 from the model-call limit
+            "limits": {"max_pixels": 16_000_000, "call_timeout_s": CALL_TIMEOUT_S},
             "default_num_beams": 3,
         }
     )
@@ -102,23 +104,32 @@ def replica_batches(deployment: str) -> dict[str, int]:
     return serve.get_deployment_handle(deployment, app_name="bench").info.remote().result()["batch_sizes"]
 
 
-def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int | None) -> dict:
-    """Deploy, warm up, run `requests` caption calls at CONCURRENCY; optionally kill a captioner replica."""
+def start_serve() -> int:
+    """Start Serve once for every load run (a proxy started per run can miss its readiness deadline on a loaded
+    machine); returns the HTTP port."""
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": CALL_TIMEOUT_S})
+    return port
+
+
+def caption_load(config: ServeAppConfig, port: int, body: dict, requests: int, kill_at: int | None) -> dict:
+    """Deploy, warm up, run `requests` caption calls at CONCURRENCY; optionally kill a captioner replica. The app
+    is deleted afterwards (Serve keeps running)."""
     import ray
     from ray import serve
 
     from mengzi_ray.serving.app import compose_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(compose_app(config), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/caption"
-        LoadRun(url, body, total=CONCURRENCY, concurrency=CONCURRENCY).start().wait()  # warm-up
+        LoadRun(url, body, total=CONCURRENCY, concurrency=CONCURRENCY, timeout_s=CALL_TIMEOUT_S).start().wait()  # warm-up
         warm = {name: replica_batches(name) for name in ("Captioner", "Detector")}
-        run = LoadRun(url, body, total=requests, concurrency=CONCURRENCY).start()
+        run = LoadRun(url, body, total=requests, concurrency=CONCURRENCY, timeout_s=CALL_TIMEOUT_S).start()
         killed, replaced = None, None
         if kill_at is not None:
             while run.done < kill_at:
@@ -143,7 +154,7 @@ def caption_load(config: ServeAppConfig, body: dict, requests: int, kill_at: int
         return {**report.summary(), "response_batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())},
                 "model_call_batch_sizes": calls, "killed_replica": killed, "replaced": replaced}
     finally:
-        serve.shutdown()
+        serve.delete("bench")
 
 
 def retrieval_bench(retrieval_dir: str, features: str, texts: str, queries: int, candidate_counts: list[int]) -> list[dict]:
@@ -198,9 +209,9 @@ def base_shaped_captioner(tiny_dir: Path, out_dir: Path) -> str:
     return str(OscarForCaptioning(config).save_pretrained(out_dir, vocab_file=tiny_dir / "vocab.txt"))
 
 
-def batching_runs(configs: dict[str, ServeAppConfig], body: dict, requests: int, title: str) -> dict:
+def batching_runs(configs: dict[str, ServeAppConfig], port: int, body: dict, requests: int, title: str) -> dict:
     """Load each config in turn with the same body; print the table, the ratios and the histograms."""
-    runs = {name: caption_load(config, body, requests, None) for name, config in configs.items()}
+    runs = {name: caption_load(config, port, body, requests, None) for name, config in configs.items()}
     print(f"\n{title}: {requests} requests, concurrency {CONCURRENCY}, beams 3")
     print_table(
         ["setting", "req/s", "p50 ms", "p99 ms", "mean batch", "errors", "captioner calls by batch size"],
@@ -222,9 +233,13 @@ def caption_part(caption_dir: str, retrieval_dir: str, small, requests: int, par
 
     features = str(small.features_path)
     row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
+    from ray import serve
+
     start_local_ray(num_cpus=4, include_dashboard=False)
     results: dict = {}
     try:
+        port = start_serve()
+
         def configs(detector: dict | None) -> dict[str, ServeAppConfig]:
             return {
                 "batch size 1 (baseline)": app_config(caption_dir, retrieval_dir, features, 1, 1, batch_wait_s=0.0, detector=detector),
@@ -232,19 +247,20 @@ def caption_part(caption_dir: str, retrieval_dir: str, small, requests: int, par
             }
 
         if "batching" in parts:
-            results["regions"] = batching_runs(configs(None), regions_body(row), requests,
+            results["regions"] = batching_runs(configs(None), port, regions_body(row), requests,
                                                f"caption over HTTP, precomputed regions (base64), model {caption_dir}")
         if "upload" in parts:
             image = small.root / "images" / f"{row['image_id']}.png"
-            results["upload"] = batching_runs(configs(local_detector()), upload_body(image), requests,
+            results["upload"] = batching_runs(configs(local_detector()), port, upload_body(image), requests,
                                               f"caption over HTTP, image upload ({image.name}) via the tiny C4 detector")
         if "kill" in parts:
             killed = caption_load(app_config(caption_dir, retrieval_dir, features, max_batch_size, 2, batch_wait_s=batch_wait_s),
-                                  regions_body(row), requests, requests // 3)
+                                  port, regions_body(row), requests, requests // 3)
             print(f"\nkilled replica {killed['killed_replica']} replaced: {killed['replaced']}; errors during the kill "
                   f"run: {sum(killed['errors'].values())} of {requests}")
             results["replica_killed"] = killed
     finally:
+        serve.shutdown()
         ray.shutdown()
     return results
 
