@@ -24,15 +24,15 @@ import scipy.sparse as sp
 import torch
 
 from mengzi_ray.modeling.model_dir import input_layout
-from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
+from mengzi_ray.data.retrieval import RetrievalTensorizer
 from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.index.embedder import DualEmbedder, layout_of
 from mengzi_ray.serving.captioning import RegionSet
+from mengzi_ray.serving.dual_stage import DualStage
 from mengzi_ray.serving.gallery import Gallery
 from mengzi_ray.text import load_tokenizer, normalize_text, tag_string
 
 _NOT_WORD = re.compile(r"[^\w]+")
-# What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
-LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class CrossEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = OscarForRetrieval.from_pretrained(model_dir).to(self.device).eval()
         self.model_dir = str(model_dir)
-        layout = RetrievalLayout(**{name: getattr(self.model.config, name) for name in LAYOUT_FIELDS})
+        layout = layout_of(self.model)
         tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=self.model.config.do_lower_case)
         self.tensorizer = RetrievalTensorizer(tokenizer, layout)
         log.info("retriever %s: input layout %s", model_dir, input_layout(self.model.config))
@@ -134,19 +134,34 @@ class SearchQuery:
 
 
 class RetrievalEngine:
-    """A gallery with its candidate indices and the cross-encoder. `candidates=None` means brute force."""
+    """A gallery with its candidate indices and the cross-encoder. `candidates=None` means brute force.
 
-    def __init__(self, encoder: CrossEncoder, gallery: Gallery, candidates: int | None):
+    first_stage: "auto" shortlists with the dual encoder when the model dir has one (serving/dual_stage.py), else
+    with TF-IDF; "tfidf" / "dual_encoder" force one (the latter a ValueError for a model without it).
+    `index_uri`: the index job's output holding the gallery images' vectors (else they are embedded at load)."""
+
+    def __init__(self, encoder: CrossEncoder, gallery: Gallery, candidates: int | None, first_stage: str = "auto",
+                 index_uri: str | None = None):
         self.encoder = encoder
         self.candidates = candidates
-        self.set_gallery(gallery)
+        dual = encoder.model.has_dual_encoder
+        if first_stage == "dual_encoder" and not dual:
+            raise ValueError(f"{encoder.model_dir}: first_stage dual_encoder, but the model dir has no dual encoder")
+        if first_stage not in ("auto", "tfidf", "dual_encoder"):
+            raise ValueError(f"first_stage must be auto, tfidf or dual_encoder, got {first_stage!r}")
+        self.first_stage = "dual_encoder" if dual and first_stage != "tfidf" else "tfidf"
+        self.embedder = DualEmbedder(encoder.model_dir, model=encoder.model) if self.first_stage == "dual_encoder" else None
+        self.set_gallery(gallery, index_uri)
 
-    def set_gallery(self, gallery: Gallery) -> None:
+    def set_gallery(self, gallery: Gallery, index_uri: str | None = None) -> None:
         self.gallery = gallery
         self.image_index = NgramIndex([tag_string(r.tags) for r in gallery.regions])
         self.caption_index = NgramIndex(gallery.captions) if gallery.captions else None
+        self.dual = DualStage(self.embedder, gallery, index_uri) if self.embedder is not None else None
 
     def _shortlist(self, query: SearchQuery) -> np.ndarray:
+        if self.dual is not None and self.candidates is not None:
+            return self._dual_shortlist(query)
         if query.text is not None:
             size = len(self.gallery)
             index, probe = self.image_index, query.text
@@ -160,6 +175,14 @@ class RetrievalEngine:
         if wanted is None or wanted >= size:
             return np.arange(size)
         return index.query(probe, wanted)
+
+    def _dual_shortlist(self, query: SearchQuery) -> np.ndarray:
+        assert self.dual is not None and self.candidates is not None
+        wanted = max(self.candidates, query.k)
+        if query.text is not None:
+            return self.dual.images_for([query.text], wanted)[0]
+        assert query.regions is not None
+        return self.dual.captions_for([query.regions], wanted)[0]
 
     def search(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
         """Top-k hits per query, best first; all queries' candidate pairs go through one scoring pass."""
