@@ -71,11 +71,13 @@ class DualEmbedder:
     def dim(self) -> int:
         return self.model.config.dual_encoder_dim
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) float32 unit vectors."""
-        return embed_sides(self.model, [self.tensorizer.text_side(t) for t in texts], "text", self.batch_size)
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """(len(texts), dim) float32 unit vectors; `batch_size` overrides the embedder's (Serve's queries are embedded
+        in one batch of exactly their number, not padded up to a gallery-sized batch)."""
+        sides = [self.tensorizer.text_side(t) for t in texts]
+        return embed_sides(self.model, sides, "text", batch_size or self.batch_size)
 
-    def embed_images(self, images: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    def embed_images(self, images: Sequence[tuple[str, np.ndarray]], batch_size: int | None = None) -> np.ndarray:
         """(tag string, regions (n, img_feature_dim)) pairs → (len(images), dim) float32 unit vectors."""
         sides = [self.tensorizer.image_side(tags, feats) for tags, feats in images]
-        return embed_sides(self.model, sides, "image", self.batch_size)
+        return embed_sides(self.model, sides, "image", batch_size or self.batch_size)

@@ -39,7 +39,7 @@ class DualStage:
 
     def images_for(self, texts: Sequence[str], k: int) -> list[np.ndarray]:
         """The k gallery images nearest each text, best first."""
-        hits, _ = top_k(self.embedder.embed_texts(texts) @ self.image_vectors.T, k)
+        hits, _ = top_k(self.embedder.embed_texts(texts, batch_size=len(texts)) @ self.image_vectors.T, k)
         return list(hits)
 
     def captions_for(self, regions: Sequence[RegionSet], k: int) -> list[np.ndarray]:
@@ -47,7 +47,8 @@ class DualStage:
         if self.caption_vectors is None:
             raise LookupError("the gallery has no captions (gallery.texts is not set)")
         tag_map = self.embedder.model.config.tag_map
-        queries = self.embedder.embed_images([(tag_string(r.tags_for(tag_map)), r.features) for r in regions])
+        queries = self.embedder.embed_images([(tag_string(r.tags_for(tag_map)), r.features) for r in regions],
+                                             batch_size=len(regions))
         hits, _ = top_k(queries @ self.caption_vectors.T, k)
         return list(hits)
 
