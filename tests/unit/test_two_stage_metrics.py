@@ -31,3 +31,33 @@ def test_the_shortlist_bounds_and_the_cross_encoder_orders() -> None:
     assert (got["i2t_R@1"], got["i2t_R@2"], got["i2t_R@3"]) == pytest.approx((1 / 3, 2 / 3, 1.0))
     with pytest.raises(ValueError, match="differ in shape"):
         two_stage_recall(cross, first[:2], text_to_image, 2, (1,))
+
+
+def test_dual_encoder_report_on_a_model_dir(tmp_path) -> None:
+    from pathlib import Path
+
+    from mengzi_ray.config import load_card
+    from mengzi_ray.datasets import write_synthetic_dataset
+    from mengzi_ray.evaluation.feature_io import load_regions
+    from mengzi_ray.evaluation.retrieval_eval import build_gallery
+    from mengzi_ray.evaluation.two_stage import dual_encoder_report
+    from mengzi_ray.data.records import read_text_rows
+    from mengzi_ray.modeling import OscarForRetrieval
+    from mengzi_ray.training.card import RetrievalCard
+    from mengzi_ray.training.jobs import prepare_init
+
+    ds = write_synthetic_dataset(tmp_path / "syn", num_train=2, num_val=8, unique=True)
+    card = load_card(RetrievalCard, Path(__file__).resolve().parents[2] / "jobs" / "retrieval_tiny.yaml", [
+        f"data.features={ds.root}/features", f"data.text={ds.text_path}", f"run.storage_path={tmp_path}"])
+    init_dir, _ = prepare_init(card, str(tmp_path / "run"))
+    model_dir = OscarForRetrieval.from_pretrained(init_dir, dual_encoder_dim=8, max_seq_length=40).save_pretrained(tmp_path / "m")
+    ids = [f"val/{i:06d}" for i in range(8)]
+    refs: dict[str, list[str]] = {}
+    for row in read_text_rows(ds.text_path):
+        refs.setdefault(row["image_id"], []).append(row["text"])
+    gallery = build_gallery(ids, refs, load_regions(str(ds.features_path), ids), 3)
+    cross = np.random.default_rng(1).random((8, 24))
+    report = dual_encoder_report(str(model_dir), gallery, cross, [4, 24], (1, 5))
+    assert set(report["metrics"]) == {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum"}
+    assert report["two_stage"]["24"] == retrieval_recall(cross, gallery.text_to_image, (1, 5))
+    assert set(report["two_stage"]) == {"4", "24"}
