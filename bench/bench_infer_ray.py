@@ -1,7 +1,7 @@
 """Inference on Ray Data vs the in-process loop: caption inference at IMAGES images and retrieval pair scoring at
 N and 2N gallery images (per-pair cost should stay flat).
 
-* Caption: `predict_captions` (Ray Data map_batches over a 1-actor pool, 1 CPU) vs `caption_images` in this
+* Caption: `predict_captions` (Ray Data map_batches over a 1-actor pool, 1 CPU) vs `Captioner.caption_records` in this
   process with torch limited to 1 thread (what the actor gets: Ray sets OMP_NUM_THREADS to its CPUs). Ray Data's
   start-up (actor start, model load, first block) is reported apart from its steady rate: a run on SMALL images
   and one on IMAGES images give steady = (IMAGES - SMALL) / (t_full - t_small), start-up = t_small - SMALL / steady.
@@ -25,14 +25,13 @@ import ray
 import torch
 from bench_eval import CAPTIONS, MAX_GEN, _tiny_model  # the same tiny models and caption budget
 from common import git_commit, pick_device, print_table, write_results
-from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.evaluation.caption_inference import generation_layout, predict_captions
+from mengzi_ray.evaluation.caption_inference import predict_captions
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, PairScorer, build_gallery, score_pairs
 from mengzi_ray.modeling import OscarForCaptioning, OscarForRetrieval
-from mengzi_ray.modeling.inference import caption_images
-from mengzi_ray.text import build_vocab, load_tokenizer, write_vocab
+from mengzi_ray.inference import Captioner
+from mengzi_ray.text import build_vocab, write_vocab
 
 SCRIPT = "bench_infer_ray"
 SMALL = 16  # images of the start-up run
@@ -50,11 +49,9 @@ def bench_caption(model_dir: Path, features: Path, val: list) -> dict:
     start = time.perf_counter()
     predict_captions(str(features), str(model_dir), ids, **kwargs)
     t_full = time.perf_counter() - start
-    model = OscarForCaptioning.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tensorizer = CaptionTensorizer(tokenizer, generation_layout(model.config, MAX_GEN))
+    captioner = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=MAX_GEN, batch_size=CAPTION_BATCH)
     start = time.perf_counter()
-    caption_images(model, tokenizer, tensorizer, val, num_beams=NUM_BEAMS, batch_size=CAPTION_BATCH)
+    captioner.caption_records(val, num_beams=NUM_BEAMS)
     t_local = time.perf_counter() - start
     steady = (len(ids) - SMALL) / max(t_full - t_small, 1e-9)
     local = len(ids) / t_local

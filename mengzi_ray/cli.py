@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-train", type=int, default=200)
     synthetic.add_argument("--num-val", type=int, default=40)
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--unique", action="store_true",
+                           help="retrieval query set: sizes too, and every caption describes exactly one image")
     detector = commands.add_parser(
         "import-detector", help="a released maskrcnn_benchmark detector (VinVL) → a detector dir for extract",
         description="Convert scene_graph_benchmark's checkpoint + labelmap + config (and test_sg_net.py's trailing "
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mengzi_ray.synthetic import write_synthetic_dataset
 
-    ds = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+    ds = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                                 unique=args.unique)
     print(f"wrote {ds.num_train} train + {ds.num_val} val images to {ds.root}")
     return 0
 

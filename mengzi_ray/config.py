@@ -254,6 +254,12 @@ COMMANDS: dict[str, Command] = {
             "caption metrics or retrieval R@K of a model dir on a feature dataset",
         ),
         Command(
+            "index",
+            "mengzi_ray.index.card:IndexCard",
+            "mengzi_ray.index.job:run_index",
+            "embed a feature dataset's images with a model dir's dual encoder into a resumable embedding index",
+        ),
+        Command(
             "tune",
             "mengzi_ray.training.tune_card:TuneCard",
             "mengzi_ray.training.tune:run_tune",

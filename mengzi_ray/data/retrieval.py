@@ -38,24 +38,33 @@ class RetrievalTensorizer:
         self.ids = TokenIds.of(tokenizer)
 
     def example(self, caption: str, od_labels: str | None, img_feats: np.ndarray, label: int | None = None) -> dict[str, np.ndarray]:
-        lay = self.layout
         words = caption_tokens(self.tokenizer, caption)
         if not words:
             raise ValueError(f"caption {caption!r} is empty after normalisation")
-        tokens = ["[CLS]", *words[: lay.max_seq_length - 2], "[SEP]"]
-        caption_len = len(tokens)
+        tags = caption_tokens(self.tokenizer, od_labels or "") if self.layout.add_od_labels else []
+        convert = self.tokenizer.convert_tokens_to_ids
+        return self.example_from_ids(convert(words), convert(tags), img_feats, label)
+
+    def example_from_ids(
+        self, caption_ids: list[int], tag_ids: list[int], img_feats: np.ndarray, label: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """`example` from token ids (no specials): the dual-encoder distillation composes the cross-encoder input
+        of a (caption, image) pair from the two sides' ids (data/dual_encoder.py)."""
+        lay = self.layout
+        ids = [self.ids.cls, *caption_ids[: lay.max_seq_length - 2], self.ids.sep]
+        caption_len = len(ids)
         segments = [0] * caption_len
         # The original's bound goes negative when the caption fills L (and overflows L); we then add no tags.
         room = lay.max_seq_length - caption_len - 1
         if lay.add_od_labels and room >= 0:
-            tags = caption_tokens(self.tokenizer, od_labels or "")[:room]
-            tokens += [*tags, "[SEP]"]
+            tags = list(tag_ids[:room])
+            ids += [*tags, self.ids.sep]
             segments += [1] * (len(tags) + 1)
-        seq_len = len(tokens)
+        seq_len = len(ids)
         pad = lay.max_seq_length - seq_len
         feats, num_regions = pad_regions(img_feats, lay.max_img_seq_length, lay.img_feature_dim, lay.truncate_regions)
         out = {
-            "input_ids": np.array(self.tokenizer.convert_tokens_to_ids(tokens) + [self.ids.pad] * pad, dtype=np.int64),
+            "input_ids": np.array(ids + [self.ids.pad] * pad, dtype=np.int64),
             "attention_mask": self._mask(caption_len, seq_len, num_regions),
             "token_type_ids": np.array(segments + [0] * pad, dtype=np.int64),
             "img_feats": feats,

@@ -65,6 +65,9 @@ class RetrievalEvalSection(Section):
         "CLR", description="attention mask: the model dir's is used; a value set here that differs is refused"
     )
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    two_stage_candidates: list[int] = Field(
+        default_factory=lambda: [20, 100], description="cross mode, model dirs with a dual encoder: shortlist sizes "
+        "whose two-stage R@K (dual-encoder shortlist, cross-encoder re-rank) is reported beside the dual encoder's own")
 
 
 class ModelLayoutSection(Section):

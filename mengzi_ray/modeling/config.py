@@ -49,6 +49,9 @@ class OscarConfig:
     label_smoothing: float = 0.0
     drop_worst_ratio: float = 0.0
     drop_worst_after: int = 0
+    # retrieval's dual-encoder first stage (modeling/dual_encoder.py): embedding size, 0 = none; InfoNCE temperature
+    dual_encoder_dim: int = 0
+    dual_encoder_temperature: float = 0.05
     # --- sequence layout the weights were trained with (Oscar keeps these in training_args.bin) ---
     max_seq_a_length: int = 40
     max_seq_length: int = 70
@@ -76,6 +79,9 @@ class OscarConfig:
             raise ValueError(f"num_contrast_classes must be 2 or 3, got {self.num_contrast_classes}")
         if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.drop_worst_ratio < 1.0:
             raise ValueError("label_smoothing and drop_worst_ratio must be in [0, 1)")
+        if self.dual_encoder_dim < 0 or self.dual_encoder_temperature <= 0:
+            raise ValueError(f"dual_encoder_dim must be >= 0 and dual_encoder_temperature > 0, got "
+                             f"{self.dual_encoder_dim} and {self.dual_encoder_temperature}")
         if self.img_feature_type.startswith("dis_code"):
             raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
         if self.hidden_act not in ACTIVATIONS:

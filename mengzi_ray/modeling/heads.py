@@ -15,6 +15,7 @@ from torch import nn
 from mengzi_ray.modeling.bert import HeadTransform
 from mengzi_ray.modeling.checkpoint import OscarPreTrainedModel
 from mengzi_ray.modeling.config import OscarConfig
+from mengzi_ray.modeling.dual_encoder import DualEncoderHeads, masked_mean
 from mengzi_ray.modeling.generation import GenerationOutput, SpecialIds, generate
 from mengzi_ray.modeling.oscar import OscarModel
 
@@ -26,6 +27,8 @@ class TaskOutput:
     seq_relationship_logits: torch.Tensor | None = None  # pretraining: (B, num_contrast_classes)
     mlm_loss: torch.Tensor | None = None  # pretraining
     num_correct: torch.Tensor | None = None  # captioning: argmax hits over the masked tokens
+    text_embeds: torch.Tensor | None = None  # retrieval with a dual encoder: (B, dim) unit vectors
+    image_embeds: torch.Tensor | None = None
 
 
 class OscarLMHead(nn.Module):
@@ -211,17 +214,48 @@ class OscarForCaptioning(OscarPreTrainedModel):
 
 
 class OscarForRetrieval(OscarPreTrainedModel):
-    """Image-text match classifier on the pooled output; match score = softmax(logits)[:, 1]."""
+    """Image-text match classifier on the pooled output; match score = softmax(logits)[:, 1].
 
-    tolerated_missing = (r"classifier\.",)
-    tolerated_unexpected = (r"cls\.",)
+    With `config.dual_encoder_dim` > 0 it also carries the dual-encoder heads (`self.dual`, modeling/dual_encoder.py):
+    `embed_texts` / `embed_images` give unit vectors whose inner product ranks a gallery without the cross-encoder.
+    A checkpoint without heads loads into a model with them (they start fresh: training adds them), and one with
+    heads into a model without them (they are ignored).
+    """
+
+    tolerated_missing = (r"classifier\.", r"dual\.")
+    tolerated_unexpected = (r"cls\.", r"dual\.")
 
     def __init__(self, config: OscarConfig):
         super().__init__(config)
         self.bert = OscarModel(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dual = DualEncoderHeads(config.hidden_size, config.dual_encoder_dim) if config.dual_encoder_dim else None
         self.init_weights()
+
+    @property
+    def has_dual_encoder(self) -> bool:
+        return self.dual is not None
+
+    def _heads(self) -> DualEncoderHeads:
+        if self.dual is None:
+            raise ValueError("this retrieval model has no dual encoder (config dual_encoder_dim is 0)")
+        return self.dual
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text side: [CLS] caption [SEP] ids (B, T), 0/1 mask (B, T) → (B, dim) unit vectors (float32)."""
+        heads = self._heads()
+        hidden = self.bert(input_ids, attention_mask, torch.zeros_like(input_ids)).last_hidden_state
+        return heads.project_text(masked_mean(hidden, attention_mask))
+
+    def embed_images(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, img_feats: torch.Tensor
+    ) -> torch.Tensor:
+        """Image side: [CLS] tags [SEP] ids (B, T), segments (B, T), regions (B, R, D), 0/1 mask (B, T + R) →
+        (B, dim) unit vectors (float32)."""
+        heads = self._heads()
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, img_feats).last_hidden_state
+        return heads.project_image(masked_mean(hidden, attention_mask))
 
     def forward(
         self,
@@ -231,18 +265,25 @@ class OscarForRetrieval(OscarPreTrainedModel):
         img_feats: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        text_side: dict[str, torch.Tensor] | None = None,
+        image_side: dict[str, torch.Tensor] | None = None,
     ) -> TaskOutput:
+        """Cross-encoder logits (and loss with labels); with `text_side` / `image_side` (the inputs of
+        `embed_texts` / `embed_images`) also their embeddings, in the same call, so that one DDP forward covers
+        every use of the trunk in a training step."""
         out = self.bert(input_ids, attention_mask, token_type_ids, img_feats, position_ids)
         logits = self.classifier(self.dropout(out.pooler_output))
+        text_embeds = self.embed_texts(**text_side) if text_side is not None else None
+        image_embeds = self.embed_images(**image_side) if image_side is not None else None
         if labels is None:
-            return TaskOutput(logits=logits)
+            return TaskOutput(logits=logits, text_embeds=text_embeds, image_embeds=image_embeds)
         if self.config.num_labels == 1:
             loss = F.mse_loss(logits.float().view(-1), labels.float().view(-1))
         elif self.config.loss_type == "bce":
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.config.num_labels
         else:
             loss = F.cross_entropy(logits.float(), labels.view(-1))
-        return TaskOutput(logits=logits, loss=loss)
+        return TaskOutput(logits=logits, loss=loss, text_embeds=text_embeds, image_embeds=image_embeds)
 
     @staticmethod
     def match_score(logits: torch.Tensor) -> torch.Tensor:

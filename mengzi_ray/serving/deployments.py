@@ -237,7 +237,8 @@ class Retriever:
         self.section = section
         encoder = MatchScorer.from_model_dir(section.model_dir, batch_size=section.rerank_chunk)
         self.gallery_section = section.gallery
-        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.config.tag_map), section.candidates)
+        self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.config.tag_map),
+                                      section.candidates, section.first_stage, section.gallery.index)
         self.stats = BatchStats()
         self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.search, section)
@@ -245,7 +246,7 @@ class Retriever:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         wanted = GallerySection.model_validate(user_config.get("gallery") or self.section.gallery.model_dump())
         if wanted != self.gallery_section:
-            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.config.tag_map))
+            self.engine.set_gallery(load_gallery(wanted, self.engine.encoder.config.tag_map), wanted.index)
             self.gallery_section = wanted
             log.info("gallery reloaded: %d images from %s", len(self.engine.gallery), wanted.features)
 
@@ -282,7 +283,8 @@ class Retriever:
             "gallery": self.gallery_section.features,
             "gallery_images": len(gallery),
             "gallery_captions": len(gallery.captions),
-            "candidate_stage": "char n-gram TF-IDF over Chinese tags",
+            "candidate_stage": ("dual-encoder inner product" if self.engine.first_stage == "dual_encoder"
+                                else "char n-gram TF-IDF over Chinese tags"),
             "candidates": self.engine.candidates,
             **self.stats.as_dict(),
         }

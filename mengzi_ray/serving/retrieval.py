@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from mengzi_ray.index.embedder import DualEmbedder
 from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
+from mengzi_ray.serving.dual_stage import DualStage
 from mengzi_ray.serving.gallery import Gallery
 from mengzi_ray.text import normalize_text, tag_string
 
@@ -98,19 +100,34 @@ class SearchQuery:
 
 class RetrievalEngine:
     """A gallery with its candidate indices and the cross-encoder (the model dir's `MatchScorer`, layout and tag
-    map as evaluation). `candidates=None` means brute force."""
+    map as evaluation). `candidates=None` means brute force.
 
-    def __init__(self, encoder: MatchScorer, gallery: Gallery, candidates: int | None):
+    first_stage: "auto" shortlists with the dual encoder when the model dir has one (serving/dual_stage.py), else
+    with TF-IDF; "tfidf" / "dual_encoder" force one (the latter a ValueError for a model without it).
+    `index_uri`: the index job's output holding the gallery images' vectors (else they are embedded at load)."""
+
+    def __init__(self, encoder: MatchScorer, gallery: Gallery, candidates: int | None, first_stage: str = "auto",
+                 index_uri: str | None = None):
         self.encoder = encoder
         self.candidates = candidates
-        self.set_gallery(gallery)
+        dual = encoder.model.has_dual_encoder
+        if first_stage == "dual_encoder" and not dual:
+            raise ValueError(f"{encoder.model.source_dir}: first_stage dual_encoder, but the model dir has no dual encoder")
+        if first_stage not in ("auto", "tfidf", "dual_encoder"):
+            raise ValueError(f"first_stage must be auto, tfidf or dual_encoder, got {first_stage!r}")
+        self.first_stage = "dual_encoder" if dual and first_stage != "tfidf" else "tfidf"
+        self.embedder = DualEmbedder(encoder.model.source_dir, model=encoder.model) if self.first_stage == "dual_encoder" else None
+        self.set_gallery(gallery, index_uri)
 
-    def set_gallery(self, gallery: Gallery) -> None:
+    def set_gallery(self, gallery: Gallery, index_uri: str | None = None) -> None:
         self.gallery = gallery
         self.image_index = NgramIndex([tag_string(r.tags) for r in gallery.regions])
         self.caption_index = NgramIndex(gallery.captions) if gallery.captions else None
+        self.dual = DualStage(self.embedder, gallery, index_uri) if self.embedder is not None else None
 
     def _shortlist(self, query: SearchQuery) -> np.ndarray:
+        if self.dual is not None and self.candidates is not None:
+            return self._dual_shortlist(query)
         if query.text is not None:
             size = len(self.gallery)
             index, probe = self.image_index, query.text
@@ -128,6 +145,14 @@ class RetrievalEngine:
     def _image(self, regions: RegionSet) -> tuple[str, np.ndarray]:
         """(od-label string in the model's tag map, region vectors) of one image."""
         return self.encoder.od_labels(regions.labels, regions.tags), regions.features
+
+    def _dual_shortlist(self, query: SearchQuery) -> np.ndarray:
+        assert self.dual is not None and self.candidates is not None
+        wanted = max(self.candidates, query.k)
+        if query.text is not None:
+            return self.dual.images_for([query.text], wanted)[0]
+        assert query.regions is not None
+        return self.dual.captions_for([query.regions], wanted)[0]
 
     def search(self, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
         """Top-k hits per query, best first; all queries' candidate pairs go through one scoring pass."""

@@ -80,6 +80,8 @@ class GallerySection(Section):
     texts: str | None = Field(None, description="text jsonl (image_id, text, kind, split): the caption gallery")
     split: str | None = Field(None, description="with texts: only the images and captions of this split (None: all)")
     max_images: int | None = Field(None, ge=1, description="use the first N images (None: all)")
+    index: str | None = Field(None, description="`mengzi-ray index` output with the gallery images' dual-encoder "
+                              "vectors (None: embedded when the gallery loads; unused without a dual encoder)")
     images_root: str | None = Field(
         None,
         description="local dir the gallery route may serve image files from (PNG/JPEG only); None: it serves none",
@@ -90,6 +92,8 @@ class RetrieverSection(BatchedReplicaSection):
     model_dir: str = Field(..., description="OscarForRetrieval model dir")
     gallery: GallerySection
     candidates: int = Field(100, ge=1, description="candidate-stage shortlist re-ranked by the cross-encoder")
+    first_stage: Literal["auto", "dual_encoder", "tfidf"] = Field(
+        "auto", description="candidate stage: auto = the dual encoder when the model dir has one, else TF-IDF")
     rerank_chunk: int = Field(256, ge=1, description="pairs per cross-encoder forward pass")
 
 

@@ -5,6 +5,12 @@ objects out in a row or a column so that 左边/右边/上面/下面 are unambig
 colours, shapes and positions — a captioner has to read the regions to beat the caption prior, and a retriever
 has to tell scenes apart by exactly those properties.
 
+`unique=True` (the retrieval query set): every object also has a size (大 | 小, visible in its box), most scenes
+hold three objects, and every caption names every object with colour, size, shape and order, so a caption
+describes exactly one scene; `write_synthetic_dataset(unique=True)` redraws a scene whose description an earlier
+scene of its split already has, so within a split every caption belongs to exactly one image (brute-force
+retrieval then has one right answer per caption query).
+
 On disk (`write_synthetic_dataset`), in the contracts of docs/data-contracts.md:
   images/{train,val}/<NNNNNN>.png   the scenes; image_id = "train/000012" (path under images/, no extension)
   features/part-0.parquet           FEATURES_SCHEMA, one row per image, pixel features over the true boxes
@@ -15,6 +21,7 @@ On disk (`write_synthetic_dataset`), in the contracts of docs/data-contracts.md:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +45,14 @@ SHAPES: dict[str, str] = {"圆形": "circle", "正方形": "square", "三角形"
 SPLITS = ("train", "val")
 CAPTIONS_PER_IMAGE = 3
 
+SIZES = ("大", "小")
 _COMBOS = [(colour, shape) for colour in COLOURS for shape in SHAPES]
 _OBJECT_COUNT_P = (0.3, 0.4, 0.3)  # 1, 2, 3 objects
+# Unique mode: three-object scenes dominate because they hold most of the distinct descriptions
+# (15·14·13 ordered combos × 2³ sizes × 2 axes = 43,680 of the 45,510).
+_UNIQUE_COUNT_P = (0.05, 0.25, 0.7)
+_UNIQUE_MIN_SIZE = 64  # below this three "大" objects do not fit their slots
+_MAX_REDRAWS = 1000
 _NOISE_STD = 3.0  # pixel noise, in 0..255 units
 
 
@@ -50,6 +63,12 @@ class SceneObject:
     colour: str  # a key of COLOURS
     shape: str  # a key of SHAPES (the Chinese tag)
     box: tuple[float, float, float, float]
+    size: str | None = None  # unique mode: one of SIZES
+
+    @property
+    def full_phrase(self) -> str:
+        """Unique mode's phrase with the size: 「大红色圆形」."""
+        return f"{self.size or ''}{self.colour}{self.shape}"
 
     @property
     def label(self) -> str:
@@ -104,22 +123,38 @@ class SyntheticDataset:
     num_captions: int
 
 
-def _layout(rng: np.random.Generator, count: int, size: int) -> tuple[list[tuple[int, int, int]], str | None]:
+def _side_range(count: int, size: int, size_word: str | None) -> tuple[int, int]:
+    """Inclusive side range in pixels of one object: plain mode spans 20–40 % of the image; in unique mode the two
+    size classes get disjoint ranges, so 大 and 小 are told apart by the box alone."""
+    if count == 1:
+        low, high = {None: (0.25, 0.4), "小": (0.2, 0.28), "大": (0.34, 0.42)}[size_word]
+        return round(low * size), round(high * size)
+    cap = int(min(0.3 * size, size / count - 4))
+    low, high = {None: (0.2, 0.3), "小": (0.14, 0.19), "大": (0.24, 0.3)}[size_word]
+    return round(low * size), min(cap, int(high * size))
+
+
+def _layout(
+    rng: np.random.Generator, count: int, size: int, sizes: list[str] | None = None
+) -> tuple[list[tuple[int, int, int]], str | None]:
     """Square placements (x1, y1, side) in layout order, and the axis ("row" | "column"; None for one object).
 
     Several objects each get an equal slot along the axis with a 1-pixel gap at both slot ends, and share a
-    jittered common line across it, so the along-axis order is the visible order.
+    jittered common line across it, so the along-axis order is the visible order. `sizes` (unique mode) picks
+    each object's size class.
     """
+    words = sizes or [None] * count
     if count == 1:
-        side = int(rng.integers(round(0.25 * size), round(0.4 * size) + 1))
+        low, high = _side_range(1, size, words[0])
+        side = int(rng.integers(low, high + 1))
         x1, y1 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
         return [(x1, y1, side)], None
     axis = "row" if rng.random() < 0.5 else "column"
     slot = size / count
-    side_min, side_max = round(0.2 * size), int(min(0.3 * size, slot - 4))
     line = rng.uniform(0.35, 0.65) * size
     placements = []
     for i in range(count):
+        side_min, side_max = _side_range(count, size, words[i])
         side = int(rng.integers(side_min, side_max + 1))
         along = int(i * slot + 1 + rng.uniform(0, slot - side - 2))
         across = int(np.clip(round(line + rng.uniform(-0.1, 0.1) * size - side / 2), 0, size - side))
@@ -169,32 +204,72 @@ def _captions(objects: list[SceneObject], axis: str | None, size: int) -> list[s
     return [f"{a.phrase}在{b.phrase}{before}", f"{c.phrase}在{b.phrase}{after}", listing]
 
 
-def generate_scene(rng: np.random.Generator, size: int = 96) -> Scene:
+def _unique_captions(objects: list[SceneObject], axis: str | None, size: int) -> list[str]:
+    """Unique mode: CAPTIONS_PER_IMAGE captions, each naming every object's size, colour, shape and place."""
+    phrases = [o.full_phrase for o in objects]
+    if axis is None:
+        where = _position_word(objects[0], size)
+        return [f"图片{where}有一个{phrases[0]}", f"{phrases[0]}在图片{where}", f"一个{phrases[0]}位于{where}"]
+    forward, backward = ("从左到右", "从右到左") if axis == "row" else ("从上到下", "从下到上")
+    before, after = ("左边", "右边") if axis == "row" else ("上面", "下面")
+    if len(objects) == 2:
+        a, b = phrases
+        return [f"{a}在{b}{before}", f"{b}在{a}{after}", f"{forward}是{a}和{b}"]
+    a, b, c = phrases
+    return [f"{forward}:{a}、{b}、{c}", f"{b}{before}是{a},{after}是{c}", f"{backward}:{c}、{b}、{a}"]
+
+
+def generate_scene(rng: np.random.Generator, size: int = 96, unique: bool = False) -> Scene:
     """Render one random scene of size x size pixels; the same generator state gives the same scene.
 
     1–3 objects, pairwise distinct (colour, shape), side 20–40 % of the image, on a light tinted background with
-    mild Gaussian pixel noise (std 3 of 255).
+    mild Gaussian pixel noise (std 3 of 255). `unique`: objects also get a size (大 | 小) and the captions name
+    everything (module docstring); needs size >= 64.
     """
     if size < 32:
         raise ValueError(f"image size must be at least 32 pixels, got {size}")
-    count = int(rng.choice(len(_OBJECT_COUNT_P), p=_OBJECT_COUNT_P)) + 1
+    if unique and size < _UNIQUE_MIN_SIZE:
+        raise ValueError(f"unique scenes need an image size of at least {_UNIQUE_MIN_SIZE} pixels, got {size}")
+    probabilities = _UNIQUE_COUNT_P if unique else _OBJECT_COUNT_P
+    count = int(rng.choice(len(probabilities), p=probabilities)) + 1
     combos = [_COMBOS[i] for i in rng.choice(len(_COMBOS), size=count, replace=False)]
-    placements, axis = _layout(rng, count, size)
+    sizes = [SIZES[int(i)] for i in rng.integers(0, len(SIZES), size=count)] if unique else None
+    placements, axis = _layout(rng, count, size, sizes)
 
     background = tuple(int(v) for v in rng.integers(228, 251, size=3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     objects = []
-    for (colour, shape), (x1, y1, side) in zip(combos, placements):
+    for n, ((colour, shape), (x1, y1, side)) in enumerate(zip(combos, placements)):
         _draw(draw, shape, x1, y1, side, COLOURS[colour])
-        objects.append(SceneObject(colour, shape, (float(x1), float(y1), float(x1 + side), float(y1 + side))))
+        box = (float(x1), float(y1), float(x1 + side), float(y1 + side))
+        objects.append(SceneObject(colour, shape, box, sizes[n] if sizes else None))
     noisy = np.asarray(image, dtype=np.float64) + rng.normal(0.0, _NOISE_STD, size=(size, size, 3))
     image = Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
-    return Scene(image=image, objects=objects, captions=_captions(objects, axis, size))
+    captions = _unique_captions(objects, axis, size) if unique else _captions(objects, axis, size)
+    return Scene(image=image, objects=objects, captions=captions)
+
+
+def _split_scenes(seed: int, split_index: int, count: int, image_size: int, unique: bool) -> Iterator[Scene]:
+    """The scenes of one split in order. Scene i comes from generator (seed, split, i); in unique mode a scene whose
+    first caption (a full description) an earlier scene already has is redrawn from (seed, split, i, attempt)."""
+    seen: set[str] = set()
+    for i in range(count):
+        scene = generate_scene(np.random.default_rng([seed, split_index, i]), image_size, unique)
+        attempt = 0
+        while unique and scene.captions[0] in seen:
+            attempt += 1
+            if attempt > _MAX_REDRAWS:
+                raise ValueError(f"no unique scene for image {i} after {_MAX_REDRAWS} draws: {count} images exceed "
+                                 f"what the unique attribute space holds at this seed")
+            scene = generate_scene(np.random.default_rng([seed, split_index, i, attempt]), image_size, unique)
+        seen.add(scene.captions[0])
+        yield scene
 
 
 def write_synthetic_dataset(
-    out_dir: str | Path, num_train: int = 200, num_val: int = 40, seed: int = 0, image_size: int = 96
+    out_dir: str | Path, num_train: int = 200, num_val: int = 40, seed: int = 0, image_size: int = 96,
+    unique: bool = False,
 ) -> SyntheticDataset:
     """Generate the train/val scenes and write images, features, captions and the box manifest under out_dir.
 
@@ -202,7 +277,8 @@ def write_synthetic_dataset(
     on the other split's size and a smaller call yields a prefix of a larger one. Same seed → byte-identical
     images and text.jsonl and identical feature rows, except that the `source` column and the boxes.jsonl `uri`
     are the images' absolute file:// URIs and so name out_dir. PNGs left in images/{train,val} by an earlier,
-    larger call are removed so that the image dir holds exactly this dataset.
+    larger call are removed so that the image dir holds exactly this dataset. `unique`: the retrieval query set
+    (module docstring); every caption of a split then names exactly one image of it.
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"split sizes must be non-negative, got num_train={num_train} num_val={num_val}")
@@ -221,8 +297,7 @@ def write_synthetic_dataset(
         for stale in split_dir.glob("*.png"):
             if stale.name not in names:
                 stale.unlink()
-        for i in range(count):
-            scene = generate_scene(np.random.default_rng([seed, split_index, i]), image_size)
+        for i, scene in enumerate(_split_scenes(seed, split_index, count, image_size, unique)):
             image_id = f"{split}/{i:06d}"
             path = split_dir / f"{i:06d}.png"
             scene.image.save(path, format="PNG")

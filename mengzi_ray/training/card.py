@@ -232,6 +232,20 @@ class CaptionCard(TrainCard):
         return ("train_loss", "val_loss", "val_cider")
 
 
+class DualEncoderSection(Section):
+    """The dual-encoder first stage trained beside the cross-encoder (modeling/dual_encoder.py): per step, the
+    cross-encoder loss + contrastive_weight × InfoNCE (both directions, negatives gathered from every worker)
+    + distill_weight × KL from the cross-encoder's softmax over [positive, hard negatives] to the dual encoder's."""
+
+    enabled: bool = False
+    dim: int = Field(256, ge=8, description="embedding size of both sides")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE / student temperature")
+    contrastive_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(1.0, ge=0, description="0 turns distillation (and its teacher passes) off")
+    hard_negatives: int = Field(3, ge=1, description="in-batch negatives per caption the cross-encoder scores")
+    distill_temperature: float = Field(1.0, gt=0, description="temperature on the cross-encoder's match log-odds")
+
+
 class RetrievalSection(Section):
     """Retrieval layout (docs/oscar-formats.md §3.2, §5)."""
 
@@ -240,6 +254,7 @@ class RetrievalSection(Section):
     add_od_labels: bool = True
     att_mask_type: Literal["CLR", "CL", "CR", "LR"] = "CLR"
     val_captions_per_image: int = Field(5, ge=1, description="texts per val image in the cross-image gallery")
+    dual_encoder: DualEncoderSection = DualEncoderSection()
 
 
 class RetrievalCard(TrainCard):
@@ -248,7 +263,8 @@ class RetrievalCard(TrainCard):
 
     def metric_names(self) -> tuple[str, ...]:
         ranks = tuple(f"val_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
-        return ("train_loss", "val_loss", *ranks, "val_rsum")
+        dual = tuple(f"val_dual_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)) + ("val_dual_rsum",)
+        return ("train_loss", "val_loss", *ranks, "val_rsum", *(dual if self.retrieval.dual_encoder.enabled else ()))
 
 
 class PretrainSection(Section):

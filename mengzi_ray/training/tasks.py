@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pretrain_pair
 from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
@@ -33,6 +34,7 @@ from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.inference import Captioner, MatchScorer, collate
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
+from mengzi_ray.training.dual_objective import DualEncoderObjective
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
 Batch = dict[str, np.ndarray]
@@ -167,17 +169,22 @@ class RetrievalTask(Task):
     def __init__(self, card: RetrievalCard, tokenizer: PreTrainedTokenizerBase):
         super().__init__(card, tokenizer)
         r = card.retrieval
-        self.tz = RetrievalTensorizer(tokenizer, RetrievalLayout(
+        layout = RetrievalLayout(
             max_seq_length=r.max_seq_length, max_img_seq_length=r.max_img_seq_length, img_feature_dim=card.model.img_feature_dim,
             add_od_labels=r.add_od_labels, att_mask_type=r.att_mask_type,
-        ))
+        )
+        self.tz = RetrievalTensorizer(tokenizer, layout)
+        self.dual = (DualEncoderObjective(r.dual_encoder, DualEncoderTensorizer(tokenizer, layout), card.validation.batch_size)
+                     if r.dual_encoder.enabled else None)
 
     def config_overrides(self) -> dict[str, Any]:
         r = self.card.retrieval
         return {**super().config_overrides(), "max_img_seq_length": r.max_img_seq_length, "add_od_labels": r.add_od_labels,
                 "max_seq_length": r.max_seq_length, "att_mask_type": r.att_mask_type,
                 # unused by retrieval; kept within max_seq_length so the config stays valid
-                "max_seq_a_length": min(OscarConfig.max_seq_a_length, r.max_seq_length)}
+                "max_seq_a_length": min(OscarConfig.max_seq_a_length, r.max_seq_length),
+                "dual_encoder_dim": r.dual_encoder.dim if r.dual_encoder.enabled else 0,
+                "dual_encoder_temperature": r.dual_encoder.temperature}
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""
@@ -189,7 +196,13 @@ class RetrievalTask(Task):
                 negatives.append(self.tz.example(other.texts[int(rng.integers(len(other.texts)))], r.od_labels, r.features, 0))
             else:
                 negatives.append(self.tz.example(r.texts[0], other.od_labels, other.features, 0))
-        return _stack(positives + negatives)
+        batch = _stack(positives + negatives)
+        if self.dual is not None:  # the positives' two sides (dual_objective.py)
+            batch.update(self.dual.batch_arrays(rows))
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss if self.dual is None else self.dual.loss(model, batch)
 
     @torch.no_grad()
     def validate(self, model: OscarForRetrieval, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
@@ -203,6 +216,8 @@ class RetrievalTask(Task):
         match = torch.as_tensor(np.arange(len(val_rows))[:, None] == text_to_image[None, :]).view(-1).to(logits.device)
         ce = torch.nn.functional.cross_entropy(logits, match.long(), reduction="none")
         metrics = {f"val_{k}": v for k, v in retrieval_recall(scores, text_to_image).items()}
+        if self.dual is not None:
+            metrics.update(self.dual.validate(model, val_rows, k))
         return {"val_loss": float((ce[match].mean() + ce[~match].mean()) / 2), **metrics}
 
 

@@ -47,3 +47,23 @@ def test_task_runs_on_ray_train(ray_local, tmp_path: Path, cls, name: str, model
         assert history[-1]["train_loss"] < history[0]["train_loss"]
     model = model_cls.from_pretrained(exported_model_uri(str(tmp_path / "runs"), card.run.name))
     assert not model.load_report.missing and not model.load_report.unexpected
+
+
+def test_retrieval_with_the_dual_encoder_section_on_two_workers(ray_local, tmp_path: Path) -> None:
+    """Both workers' batches feed one contrastive loss (the gather itself: tests/unit/test_dual_encoder.py); the run
+    reports the dual encoder's own R@K beside the cross-encoder's and exports the heads in the model dir."""
+    data = write_synthetic_dataset(tmp_path / "syn", num_train=60, num_val=8, unique=True).root
+    card = load_card(RetrievalCard, JOBS / "retrieval_tiny.yaml", [
+        f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={tmp_path}/runs",
+        "data.max_val_images=8", "schedule.max_steps=20", "validation.every_steps=10", "optim.warmup_steps=4",
+        "retrieval.max_seq_length=40", "retrieval.dual_encoder.enabled=true", "retrieval.dual_encoder.dim=32",
+        "batch.per_worker_batch_size=8", "batch.global_batch_size=16", "checkpoint.metric=val_dual_rsum",
+    ])
+    assert card.scaling.num_workers == 2
+    summary = run_training(card, controller_failure_limit=1)
+    history = [json.loads(line) for line in (tmp_path / "runs" / card.run.name / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 20 and [h["step"] for h in history] == [10, 20]
+    assert all(np.isfinite(history[-1][k]) for k in ("train_loss", "val_rsum", "val_dual_rsum", "val_dual_t2i_R@1"))
+    model = OscarForRetrieval.from_pretrained(exported_model_uri(str(tmp_path / "runs"), card.run.name))
+    assert model.has_dual_encoder and model.config.dual_encoder_dim == 32
+    assert not model.load_report.missing and not model.load_report.unexpected

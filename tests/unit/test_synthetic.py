@@ -17,6 +17,7 @@ from mengzi_ray.synthetic import (
     CAPTIONS_PER_IMAGE,
     COLOURS,
     SHAPES,
+    SIZES,
     SPLITS,
     Scene,
     SyntheticDataset,
@@ -204,3 +205,30 @@ def test_text_rows_name_the_file_and_line_of_a_bad_row(tmp_path: Path) -> None:
         read_text_rows(path)
     path.write_text(json.dumps(good, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_text_rows(path) == [good]
+
+
+def test_unique_mode_captions_name_exactly_one_image(tmp_path: Path) -> None:
+    ds = write_synthetic_dataset(tmp_path / "unique", num_train=0, num_val=400, seed=2, unique=True)
+    rows = [json.loads(line) for line in ds.text_path.read_text(encoding="utf-8").splitlines()]
+    images_of: dict[str, set[str]] = {}
+    for row in rows:
+        images_of.setdefault(row["text"], set()).add(row["image_id"])
+    assert len(rows) == 400 * CAPTIONS_PER_IMAGE
+    assert all(len(ids) == 1 for ids in images_of.values())  # every sentence describes exactly one image
+    smaller = write_synthetic_dataset(tmp_path / "prefix", num_train=0, num_val=150, seed=2, unique=True)
+    assert smaller.text_path.read_text(encoding="utf-8").splitlines() == ds.text_path.read_text(encoding="utf-8").splitlines()[:450]
+
+
+def test_unique_scenes_name_every_object_with_its_visible_size() -> None:
+    for i in range(80):
+        scene = generate_scene(np.random.default_rng([4, i]), 96, unique=True)
+        for caption in scene.captions:  # each caption alone names every object fully
+            assert all(o.full_phrase in caption for o in scene.objects), (caption, scene.objects)
+        sides = {o.size: o.box[2] - o.box[0] for o in scene.objects}
+        for obj in scene.objects:
+            assert obj.size in SIZES
+            if len(sides) == 2:  # both classes in one scene: every 大 is bigger than every 小
+                assert max(o.box[2] - o.box[0] for o in scene.objects if o.size == "小") < min(
+                    o.box[2] - o.box[0] for o in scene.objects if o.size == "大")
+    with pytest.raises(ValueError, match="at least 64 pixels"):
+        generate_scene(np.random.default_rng(0), 48, unique=True)

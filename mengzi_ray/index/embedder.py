@@ -1,0 +1,83 @@
+"""Dual-encoder embeddings of captions and gallery images from a retrieval model dir (modeling/dual_encoder.py).
+
+One place builds the two sides' inputs and runs them: the retrieval fine-tune's validation, the index job's Ray
+Data actors, Serve's shortlist and the evaluate job all embed through `embed_sides`.
+
+Determinism: every forward pass has the same shape — `batch_size` rows, the last batch filled up with copies of
+its first row — so an item's embedding depends on the item alone, not on which other items share its batch. The
+index job relies on this for bit-identical embeddings whatever the number of actors and their batch boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
+from mengzi_ray.data.retrieval import RetrievalLayout
+from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.text import load_tokenizer
+
+# What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
+LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
+
+
+def layout_of(model: OscarForRetrieval) -> RetrievalLayout:
+    """The retrieval layout a loaded model was trained with (its config.json)."""
+    return RetrievalLayout(**{name: getattr(model.config, name) for name in LAYOUT_FIELDS})
+
+
+@torch.no_grad()
+def embed_sides(
+    model: OscarForRetrieval, sides: Sequence[dict[str, np.ndarray]], side: str, batch_size: int
+) -> np.ndarray:
+    """(len(sides), dim) float32 unit vectors of text sides (`side="text"`) or image sides (`"image"`), in fixed-shape
+    batches of `batch_size` (module docstring). The model must have a dual encoder (ValueError otherwise)."""
+    if side not in ("text", "image"):
+        raise ValueError(f"side must be 'text' or 'image', got {side!r}")
+    if not model.has_dual_encoder:
+        raise ValueError(f"{model.source_dir or 'this model'}: no dual encoder in the model dir (dual_encoder_dim 0)")
+    keys, embed = (TEXT_KEYS, model.embed_texts) if side == "text" else (IMAGE_KEYS, model.embed_images)
+    device = next(model.parameters()).device
+    out = np.zeros((len(sides), model.config.dual_encoder_dim), dtype=np.float32)
+    for start in range(0, len(sides), batch_size):
+        chunk = list(sides[start : start + batch_size])
+        used = len(chunk)
+        chunk += [chunk[0]] * (batch_size - used)
+        batch = {k: torch.as_tensor(np.stack([s[k] for s in chunk])).to(device) for k in keys}
+        out[start : start + used] = embed(**batch)[:used].float().cpu().numpy()
+    return out
+
+
+class DualEmbedder:
+    """A retrieval model dir with a dual encoder, ready to embed captions and images (eval mode, no gradient)."""
+
+    def __init__(self, model_dir: str | Path, *, batch_size: int = 64, device: str | None = None,
+                 model: OscarForRetrieval | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = (model or OscarForRetrieval.from_pretrained(model_dir)).to(self.device).eval()
+        if not self.model.has_dual_encoder:
+            raise ValueError(f"{model_dir}: the model dir has no dual encoder (config.json dual_encoder_dim is 0); "
+                             "train one with retrieval.dual_encoder.enabled")
+        config = self.model.config
+        tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=config.do_lower_case)
+        self.tensorizer = DualEncoderTensorizer(tokenizer, layout_of(self.model))
+        self.batch_size = batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.dual_encoder_dim
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """(len(texts), dim) float32 unit vectors; `batch_size` overrides the embedder's (Serve's queries are embedded
+        in one batch of exactly their number, not padded up to a gallery-sized batch)."""
+        sides = [self.tensorizer.text_side(t) for t in texts]
+        return embed_sides(self.model, sides, "text", batch_size or self.batch_size)
+
+    def embed_images(self, images: Sequence[tuple[str, np.ndarray]], batch_size: int | None = None) -> np.ndarray:
+        """(tag string, regions (n, img_feature_dim)) pairs → (len(images), dim) float32 unit vectors."""
+        sides = [self.tensorizer.image_side(tags, feats) for tags, feats in images]
+        return embed_sides(self.model, sides, "image", batch_size or self.batch_size)

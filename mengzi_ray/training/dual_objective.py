@@ -1,0 +1,107 @@
+"""The dual-encoder part of the retrieval fine-tune (card section `retrieval.dual_encoder`), used by RetrievalTask.
+
+Per micro-batch of B (caption, image) rows the batch carries, beside the cross-encoder's 2B examples, each row's
+text side (`text_side.*`), image side (`image_side.*`) and `dual_image_key` (an int64 naming the image, so two
+captions of one image are not each other's negatives). The loss is
+
+    cross-encoder CE + contrastive_weight · InfoNCE(gathered) + distill_weight · KL(cross-encoder ‖ dual)
+
+The teacher (the cross-encoder's match log-odds of each caption with its own image and its `hard_negatives`
+in-batch images the dual encoder currently ranks highest) runs on the unwrapped model without gradient before the
+training forward, so that the step's one DDP forward (cross-encoder + both sides) covers every gradient-carrying
+use of the trunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
+from mengzi_ray.data.records import ImageRecord
+from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
+from mengzi_ray.index.embedder import embed_sides
+from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives
+from mengzi_ray.inference import collate
+from mengzi_ray.training.card import DualEncoderSection
+
+KEY = "dual_image_key"
+TEXT_PREFIX, IMAGE_PREFIX = "text_side.", "image_side."
+
+
+def image_key(image_id: str) -> int:
+    """A stable signed 64-bit id of an image (the same on every worker and in every run)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+class DualEncoderObjective:
+    """Batch arrays, loss and validation of the dual encoder; `tz` shares the cross-encoder's layout."""
+
+    def __init__(self, section: DualEncoderSection, tz: DualEncoderTensorizer, val_batch_size: int):
+        self.section = section
+        self.tz = tz
+        self.val_batch_size = val_batch_size
+
+    def batch_arrays(self, rows: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
+        """The B rows' text sides (their first text), image sides and image keys, stacked."""
+        texts = [self.tz.text_side(r.texts[0]) for r in rows]
+        images = [self.tz.image_side(r.od_labels, r.features) for r in rows]
+        out = {TEXT_PREFIX + k: np.stack([t[k] for t in texts]) for k in TEXT_KEYS}
+        out.update({IMAGE_PREFIX + k: np.stack([i[k] for i in images]) for k in IMAGE_KEYS})
+        out[KEY] = np.array([image_key(r.image_id) for r in rows], dtype=np.int64)
+        return out
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's loss; `model` is the (possibly DDP-wrapped) OscarForRetrieval with a dual encoder."""
+        core: OscarForRetrieval = getattr(model, "module", model)
+        text = {k: batch[TEXT_PREFIX + k] for k in TEXT_KEYS}
+        image = {k: batch[IMAGE_PREFIX + k] for k in IMAGE_KEYS}
+        keys = batch[KEY]
+        cross = {k: v for k, v in batch.items() if not k.startswith((TEXT_PREFIX, IMAGE_PREFIX)) and k != KEY}
+        s = self.section
+        teacher = self._teacher(core, text, image, keys) if s.distill_weight > 0 else None
+        out = model(**cross, text_side=text, image_side=image)
+        loss = out.loss + s.contrastive_weight * contrastive_loss(out.text_embeds, out.image_embeds, keys, s.temperature)
+        if teacher is not None:
+            candidates, valid, logits = teacher
+            loss = loss + s.distill_weight * distill_loss(
+                out.text_embeds, out.image_embeds, candidates, valid, logits, s.temperature, s.distill_temperature)
+        return loss
+
+    @torch.no_grad()
+    def _teacher(
+        self, core: OscarForRetrieval, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidates (B, 1+h): own image then hard negatives, valid (B, 1+h), cross-encoder log-odds (B, 1+h))."""
+        was_training = core.training
+        core.eval()
+        try:
+            negatives, valid = hard_negatives(core.embed_texts(**text), core.embed_images(**image), keys, self.section.hard_negatives)
+            size = keys.shape[0]
+            candidates = torch.cat([torch.arange(size, device=keys.device)[:, None], negatives], dim=1)
+            valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            text_np = {k: v.cpu().numpy() for k, v in text.items()}
+            image_np = {k: v.cpu().numpy() for k, v in image.items()}
+            examples = [
+                self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in image_np.items()})
+                for i, row in enumerate(candidates.tolist()) for j in row
+            ]
+            logits = core(**collate(examples, keys.device)).logits.float()
+        finally:
+            core.train(was_training)
+        return candidates, valid, (logits[:, 1] - logits[:, 0]).view(size, -1)
+
+    @torch.no_grad()
+    def validate(self, core: OscarForRetrieval, val_rows: Sequence[ImageRecord], captions_per_image: int) -> dict[str, float]:
+        """The dual encoder's own cross-image R@K on the val gallery (same texts as the cross-encoder's ranking)."""
+        texts = [(i, t) for i, r in enumerate(val_rows) for t in r.texts[:captions_per_image]]
+        text_vectors = embed_sides(core, [self.tz.text_side(t) for _, t in texts], "text", self.val_batch_size)
+        image_vectors = embed_sides(core, [self.tz.image_side(r.od_labels, r.features) for r in val_rows], "image",
+                                    self.val_batch_size)
+        scores = image_vectors @ text_vectors.T
+        recall = retrieval_recall(scores, np.array([i for i, _ in texts]))
+        return {f"val_dual_{k}": v for k, v in recall.items()}
