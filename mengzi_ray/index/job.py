@@ -36,7 +36,7 @@ class ImageEmbedActor:
     """Ray Data callable class: a pyarrow batch of feature rows → (image_id, embedding) rows."""
 
     def __init__(self, model_dir: str, batch_size: int, use_gpu: bool):
-        from mengzi_ray.index.embedder import DualEmbedder
+        from mengzi_ray.inference.embedder import DualEmbedder
 
         self.embedder = DualEmbedder(model_dir, batch_size=batch_size, device="cuda" if use_gpu else "cpu")
         self.tag_map = self.embedder.model.config.tag_map

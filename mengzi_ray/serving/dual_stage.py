@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mengzi_ray.index.embedder import DualEmbedder
+from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.store import ExactIndex, top_k
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery

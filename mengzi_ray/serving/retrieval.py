@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from mengzi_ray.index.embedder import DualEmbedder
+from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.dual_stage import DualStage

@@ -23,7 +23,7 @@ import torch
 from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
-from mengzi_ray.index.embedder import embed_sides
+from mengzi_ray.inference.embedder import embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives
 from mengzi_ray.inference import collate

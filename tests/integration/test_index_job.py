@@ -12,7 +12,7 @@ import pytest
 from mengzi_ray.config import JobFailed, load_card
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.index.card import IndexCard
-from mengzi_ray.index.embedder import DualEmbedder
+from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.job import run_index
 from mengzi_ray.index.store import ExactIndex, read_meta
 from mengzi_ray.modeling import OscarForRetrieval

@@ -21,7 +21,7 @@ from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord, load_image_records
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.index.embedder import DualEmbedder, embed_sides
+from mengzi_ray.inference.embedder import DualEmbedder, embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, gather_with_grad
 from mengzi_ray.text import load_tokenizer

@@ -17,18 +17,10 @@ import numpy as np
 import torch
 
 from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
-from mengzi_ray.data.retrieval import RetrievalLayout
 from mengzi_ray.modeling import OscarForRetrieval
+from mengzi_ray.inference.batch import load_model_dir
+from mengzi_ray.inference.scorer import retrieval_layout
 from mengzi_ray.text import load_tokenizer
-
-# What the retrieval input layout takes from the model's OscarConfig (the layout it was trained with).
-LAYOUT_FIELDS = ("max_seq_length", "max_img_seq_length", "img_feature_dim", "add_od_labels", "att_mask_type")
-
-
-def layout_of(model: OscarForRetrieval) -> RetrievalLayout:
-    """The retrieval layout a loaded model was trained with (its config.json)."""
-    return RetrievalLayout(**{name: getattr(model.config, name) for name in LAYOUT_FIELDS})
-
 
 @torch.no_grad()
 def embed_sides(
@@ -57,14 +49,17 @@ class DualEmbedder:
 
     def __init__(self, model_dir: str | Path, *, batch_size: int = 64, device: str | None = None,
                  model: OscarForRetrieval | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = (model or OscarForRetrieval.from_pretrained(model_dir)).to(self.device).eval()
+        """Load `model_dir` (inference.load_model_dir) on `device`, or embed with `model`, already loaded from it
+        (Serve's cross-encoder shares its weights)."""
+        if model is None:
+            model, tokenizer = load_model_dir(OscarForRetrieval, str(model_dir), device)
+        else:
+            tokenizer = load_tokenizer(model.source_dir or model_dir, do_lower_case=model.config.do_lower_case)
+        self.model = model.eval()
         if not self.model.has_dual_encoder:
             raise ValueError(f"{model_dir}: the model dir has no dual encoder (config.json dual_encoder_dim is 0); "
                              "train one with retrieval.dual_encoder.enabled")
-        config = self.model.config
-        tokenizer = load_tokenizer(self.model.source_dir or model_dir, do_lower_case=config.do_lower_case)
-        self.tensorizer = DualEncoderTensorizer(tokenizer, layout_of(self.model))
+        self.tensorizer = DualEncoderTensorizer(tokenizer, retrieval_layout(self.model.config))
         self.batch_size = batch_size
 
     @property
