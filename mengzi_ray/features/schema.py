@@ -121,7 +121,8 @@ def region_matrix(features_column_value: Sequence[Sequence[float]] | np.ndarray)
 
 
 def region_arrays(features_column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
-    """A `features` column → one (N_i, 2054) float32 array per row, as views of the Arrow buffers (no Python floats).
+    """A `features` column → one (N_i, D) float32 array per row, as views of the Arrow buffers (no Python floats);
+    D is the column's fixed list size (2054 for Oscar regions; smaller in tiny test models).
 
     The fast path for readers of many rows (training loaders, benchmarks); region_matrix is the per-cell version.
     The arrays are read-only views: copy before writing into them.
@@ -130,9 +131,10 @@ def region_arrays(features_column: pa.Array | pa.ChunkedArray) -> list[np.ndarra
     out: list[np.ndarray] = []
     for chunk in chunks:
         offsets = chunk.offsets.to_numpy()  # region offsets per row (list level), honours slicing
-        regions = chunk.values  # fixed_size_list<float32, 2054>
+        regions = chunk.values  # fixed_size_list<float32, D>
+        dim = regions.type.list_size
         values = regions.values.to_numpy(zero_copy_only=False)
-        base = regions.offset * REGION_DIM
-        matrix = values[base : base + len(regions) * REGION_DIM].reshape(-1, REGION_DIM)
+        base = regions.offset * dim
+        matrix = values[base : base + len(regions) * dim].reshape(-1, dim)
         out.extend(matrix[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
     return out
