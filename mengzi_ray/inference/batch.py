@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.modeling.checkpoint import OscarPreTrainedModel
+from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling.model_dir import input_layout
 from mengzi_ray.text import load_tokenizer
 
@@ -73,3 +74,25 @@ def model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """(device, floating dtype) of a model's parameters: where its input tensors must go."""
     param = next(model.parameters())
     return param.device, param.dtype
+
+
+class ModelDirRunner:
+    """Base of Captioner and MatchScorer: `from_model_dir` loads the subclass's `model_cls` through
+    `load_model_dir` and hands (model, tokenizer) to the subclass's constructor."""
+
+    model_cls: ClassVar[type[torch.nn.Module]]
+    model: Any
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, device: str | torch.device | None = None,
+                       dtype: str | torch.dtype | None = None, *, config_overrides: dict[str, Any] | None = None,
+                       **options: Any) -> Self:
+        """Load `model_dir` (local or s3://) on `device` (None: cuda if available) in `dtype` (None: float32);
+        `options` are the constructor's keywords."""
+        model, tokenizer = load_model_dir(cls.model_cls, model_dir, device, dtype, config_overrides)
+        return cls(model, tokenizer, **options)  # type: ignore[call-arg]  # subclasses take (model, tokenizer, ...)
+
+    @property
+    def config(self) -> OscarConfig:
+        return self.model.config
+

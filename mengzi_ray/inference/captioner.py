@@ -9,7 +9,6 @@ is the model's training layout with a caption budget of `max_gen_length` (micros
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord
-from mengzi_ray.inference.batch import collate, load_model_dir, model_placement
+from mengzi_ray.inference.batch import ModelDirRunner, collate, model_placement
 from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import decode_caption, tag_string
 from mengzi_ray.text.tags import region_tags
@@ -35,7 +34,7 @@ def generation_layout(config: OscarConfig, max_gen_length: int) -> CaptionLayout
     return trained.for_generation(max_gen_length)
 
 
-class Captioner:
+class Captioner(ModelDirRunner):
     """An `OscarForCaptioning` with its tokenizer and test layout.
 
     Args:
@@ -45,6 +44,8 @@ class Captioner:
         length_penalty: beam score / length**penalty.
         batch_size: images per `generate` call.
     """
+
+    model_cls = OscarForCaptioning
 
     def __init__(self, model: OscarForCaptioning, tokenizer: PreTrainedTokenizerBase, *, max_gen_length: int = 20,
                  length_penalty: float = 1.0, batch_size: int = 32) -> None:
@@ -56,19 +57,6 @@ class Captioner:
         self.max_gen_length = max_gen_length
         self.length_penalty = length_penalty
         self.batch_size = batch_size
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str, device: str | torch.device | None = None,
-                       dtype: str | torch.dtype | None = None, *, config_overrides: dict[str, Any] | None = None,
-                       **options: Any) -> "Captioner":
-        """Load `model_dir` (local or s3://) on `device` (None: cuda if available) in `dtype` (None: float32);
-        `options` are the constructor's keywords."""
-        model, tokenizer = load_model_dir(OscarForCaptioning, model_dir, device, dtype, config_overrides)
-        return cls(model, tokenizer, **options)
-
-    @property
-    def config(self) -> OscarConfig:
-        return self.model.config
 
     @property
     def max_regions(self) -> int:

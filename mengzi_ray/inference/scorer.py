@@ -12,14 +12,14 @@ to the full layout, so a pair's score depends only on its inputs and its slot in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
-from mengzi_ray.inference.batch import collate, load_model_dir, model_placement
+from mengzi_ray.inference.batch import ModelDirRunner, collate, model_placement
 from mengzi_ray.modeling import OscarConfig, OscarForRetrieval
 from mengzi_ray.text import tag_string
 from mengzi_ray.text.tags import region_tags
@@ -44,7 +44,7 @@ def retrieval_layout(config: OscarConfig) -> RetrievalLayout:
     )
 
 
-class MatchScorer:
+class MatchScorer(ModelDirRunner):
     """An `OscarForRetrieval` cross-encoder with its tokenizer and layout; `score` → P(match) in [0, 1].
 
     Args:
@@ -53,25 +53,14 @@ class MatchScorer:
         batch_size: pairs per forward pass.
     """
 
+    model_cls = OscarForRetrieval
+
     def __init__(self, model: OscarForRetrieval, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 256) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.tensorizer = RetrievalTensorizer(tokenizer, retrieval_layout(model.config))
         self.batch_size = batch_size
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str, device: str | torch.device | None = None,
-                       dtype: str | torch.dtype | None = None, *, config_overrides: dict[str, Any] | None = None,
-                       **options: Any) -> "MatchScorer":
-        """Load `model_dir` (local or s3://) on `device` (None: cuda if available) in `dtype` (None: float32);
-        `options` are the constructor's keywords."""
-        model, tokenizer = load_model_dir(OscarForRetrieval, model_dir, device, dtype, config_overrides)
-        return cls(model, tokenizer, **options)
-
-    @property
-    def config(self) -> OscarConfig:
-        return self.model.config
 
     @property
     def feature_dim(self) -> int:

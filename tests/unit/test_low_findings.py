@@ -53,7 +53,7 @@ def test_a_200_that_is_not_json_is_counted_not_lost() -> None:
             self.wfile.write(body)
 
         def log_message(self, *_: object) -> None:
-            pass
+            """No per-request lines on stderr."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), NotJson)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
