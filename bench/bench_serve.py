@@ -4,8 +4,9 @@
    sent in the compact base64 form, beam 3, with the 64-wide tiny captioner (serving overhead dominates) or
    `--caption-shape base` (the real model's compute per request); the batch-size histogram of each run;
 2. the same over the image-upload path: a PNG per request through the ingress's decoding, the Detector deployment
-   (the tiny random-weight torchvision C4 detector of serve/config.yaml) and the Captioner, both batched or both at
-   batch size 1;
+   (the tiny random-weight torchvision C4 detector of serve/config.yaml = jobs/extract_tiny.yaml's) and the
+   Captioner, both batched or both at batch size 1; plus each model stage's in-process cost per item at batch sizes
+   1, 4 and 8 (the slower stage bounds the path);
 3. the bounded load test: `--requests` at concurrency 16 with one of two captioner replicas killed a third of
    the way in; errors counted exactly, the replacement replica observed;
 4. retrieval on a 10,000-image synthetic gallery: query latency and recall@10 of two-stage search (n-gram
@@ -209,6 +210,42 @@ def base_shaped_captioner(tiny_dir: Path, out_dir: Path) -> str:
     return str(OscarForCaptioning(config).save_pretrained(out_dir, vocab_file=tiny_dir / "vocab.txt"))
 
 
+def stage_costs(caption_dir: str, image_path: Path, detector: dict, batch_sizes: tuple[int, ...] = (1, 4, 8)) -> dict:
+    """In-process cost of the upload path's two model stages at each batch size (1 torch thread, as a replica of
+    0.5 CPU gets): detector ms per image and captioner (beam 3) ms per request. The slower stage per request
+    bounds the path's throughput whatever Serve's batching does."""
+    from PIL import Image
+
+    from mengzi_ray.features.card import DetectorSection
+    from mengzi_ray.features.detectors.base import build_detector, detections_to_row
+    from mengzi_ray.inference import Captioner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        detector = build_detector(DetectorSection.model_validate(detector))
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        row = detections_to_row(detector.detect([image], [None])[0], image_id="x", source="x", width=image.shape[1],
+                                height=image.shape[0], detector=detector.name)
+        regions = np.asarray(row["features"], dtype=np.float32)
+        captioner = Captioner.from_model_dir(caption_dir, "cpu")
+        tags = " ".join(row["tags"]) if isinstance(row["tags"], list) else row["tags"]
+
+        def per_item_ms(call, n: int) -> float:
+            call(n)  # warm-up at this batch size
+            start = time.perf_counter()
+            call(n)
+            return (time.perf_counter() - start) * 1000 / n
+
+        return {
+            "detector_ms_per_image": {n: per_item_ms(lambda k: detector.detect([image] * k, [None] * k), n) for n in batch_sizes},
+            "captioner_ms_per_request": {n: per_item_ms(lambda k: captioner.caption([regions] * k, [tags] * k, num_beams=3), n)
+                                         for n in batch_sizes},
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
 def batching_runs(configs: dict[str, ServeAppConfig], port: int, body: dict, requests: int, title: str) -> dict:
     """Load each config in turn with the same body; print the table, the ratios and the histograms."""
     runs = {name: caption_load(config, port, body, requests, None) for name, config in configs.items()}
@@ -253,6 +290,10 @@ def caption_part(caption_dir: str, retrieval_dir: str, small, requests: int, par
             image = small.root / "images" / f"{row['image_id']}.png"
             results["upload"] = batching_runs(configs(local_detector()), port, upload_body(image), requests,
                                               f"caption over HTTP, image upload ({image.name}) via the tiny C4 detector")
+            costs = stage_costs(caption_dir, image, local_detector())
+            results["upload"]["stage_costs"] = costs
+            print("in-process stage costs (1 thread), ms per item by batch size: "
+                  + "; ".join(f"{k} {', '.join(f'{n}: {v:.0f}' for n, v in c.items())}" for k, c in costs.items()))
         if "kill" in parts:
             killed = caption_load(app_config(caption_dir, retrieval_dir, features, max_batch_size, 2, batch_wait_s=batch_wait_s),
                                   port, regions_body(row), requests, requests // 3)

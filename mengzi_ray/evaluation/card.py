@@ -66,8 +66,8 @@ class RetrievalEvalSection(Section):
     )
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     two_stage_candidates: list[int] = Field(
-        default_factory=lambda: [20, 100], description="cross mode, model dirs with a dual encoder: shortlist sizes "
-        "whose two-stage R@K (dual-encoder shortlist, cross-encoder re-rank) is reported beside the dual encoder's own")
+        default_factory=lambda: [20, 100], description="cross mode: shortlist sizes whose two-stage R@K (first-stage "
+        "shortlist, cross-encoder re-rank) is reported for TF-IDF and, in dirs that have one, the dual encoder")
 
 
 class ModelLayoutSection(Section):

@@ -253,9 +253,9 @@ def _evaluate_retrieval(
         grid = scores.reshape(gallery.num_images, gallery.num_texts)
         metrics = retrieval_recall(grid, gallery.text_to_image, ret.ks)
     np.save(out / "scores.npy", grid)
-    dual = _dual_encoder_metrics(card, gallery, grid) if ret.mode == "cross" else None
+    first_stages = _first_stage_metrics(card, gallery, grid) if ret.mode == "cross" else {}
     return {
-        **({"dual_encoder": dual} if dual is not None else {}),
+        **first_stages,
         "mode": ret.mode,
         "num_images": gallery.num_images,
         "num_texts": gallery.num_texts,
@@ -268,14 +268,17 @@ def _evaluate_retrieval(
     }
 
 
-def _dual_encoder_metrics(card: EvaluateCard, gallery: Any, grid: np.ndarray) -> dict[str, Any] | None:
-    """The dual encoder's own and two-stage R@K (evaluation/two_stage.py), when the model dir has a dual encoder."""
-    from mengzi_ray.evaluation.two_stage import dual_encoder_report
+def _first_stage_metrics(card: EvaluateCard, gallery: Any, grid: np.ndarray) -> dict[str, Any]:
+    """The first stages' own and two-stage R@K beside the cross-encoder's (evaluation/two_stage.py): "tfidf" for
+    every model, "dual_encoder" when the model dir has one."""
+    from mengzi_ray.evaluation.two_stage import dual_encoder_report, tfidf_report
 
-    if not OscarConfig.load(download_dir(card.model_dir)).dual_encoder_dim:
-        return None
     ret = card.retrieval
-    return dual_encoder_report(card.model_dir, gallery, grid, ret.two_stage_candidates, ret.ks, card.actors.batch_size)
+    out: dict[str, Any] = {"tfidf": tfidf_report(gallery, grid, ret.two_stage_candidates, ret.ks)}
+    if OscarConfig.load(download_dir(card.model_dir)).dual_encoder_dim:
+        out["dual_encoder"] = dual_encoder_report(card.model_dir, gallery, grid, ret.two_stage_candidates, ret.ks,
+                                                  card.actors.batch_size)
+    return out
 
 
 def _gallery_ids(card: EvaluateCard, image_ids: list[str]) -> list[str]:

@@ -1,86 +1,27 @@
 """Two-stage retrieval over a gallery: a cheap candidate stage, then cross-encoder re-ranking.
 
 The Oscar retrieval model is a cross-encoder (caption ‖ tags ‖ regions → match probability), so scoring a whole
-gallery per query costs one forward pass per image. The candidate stage is a character n-gram TF-IDF index:
-- text → images: the query against each image's Chinese tag string;
-- image → captions: the image's tag string against each caption.
-Both sides are plain Chinese text after the one normaliser, the tag vocabulary is the model's own input, and
-the index is a sparse matrix product (milliseconds for 10^4 images). Only the top `candidates` go to the
-cross-encoder. What this costs in recall against brute force is measured by bench/bench_serve.py.
+gallery per query costs one forward pass per image. The candidate stage is the model's dual encoder
+(serving/dual_stage.py) when its dir has one, else a character n-gram TF-IDF index (index/ngram.py): text →
+images against each image's Chinese tag string, image → captions the image's tag string against each caption.
+Only the top `candidates` go to the cross-encoder. What this costs in recall against brute force is measured by
+bench/bench_serve.py and bench/bench_retrieval_stages.py.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from mengzi_ray.inference.embedder import DualEmbedder
+from mengzi_ray.index.ngram import NgramIndex
 from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.dual_stage import DualStage
 from mengzi_ray.serving.gallery import Gallery
-from mengzi_ray.text import normalize_text, tag_string
-
-_NOT_WORD = re.compile(r"[^\w]+")
-
-
-def char_ngrams(text: str) -> list[str]:
-    """Character unigrams and bigrams of the normalised text (punctuation and spaces are boundaries)."""
-    grams: list[str] = []
-    for piece in _NOT_WORD.split(normalize_text(text).lower()):
-        grams.extend(piece)
-        grams.extend(piece[i : i + 2] for i in range(len(piece) - 1))
-    return grams
-
-
-class NgramIndex:
-    """TF-IDF (sublinear tf, smoothed idf, L2-normalised rows) over character n-grams of a list of documents."""
-
-    def __init__(self, documents: Sequence[str]):
-        counts = [Counter(char_ngrams(doc)) for doc in documents]
-        self.vocabulary: dict[str, int] = {}
-        for counter in counts:
-            for gram in counter:
-                self.vocabulary.setdefault(gram, len(self.vocabulary))
-        df = np.zeros(len(self.vocabulary), dtype=np.float64)
-        rows, cols, vals = [], [], []
-        for row, counter in enumerate(counts):
-            for gram, count in counter.items():
-                col = self.vocabulary[gram]
-                df[col] += 1
-                rows.append(row)
-                cols.append(col)
-                vals.append(1.0 + math.log(count))
-        self.idf = np.log((1 + len(documents)) / (1 + df)) + 1.0
-        matrix = sp.csr_matrix((vals, (rows, cols)), shape=(len(documents), len(self.vocabulary)), dtype=np.float64)
-        self.matrix = _l2_rows(matrix.multiply(self.idf[None, :]).tocsr())
-
-    def __len__(self) -> int:
-        return self.matrix.shape[0]
-
-    def query(self, text: str, k: int) -> np.ndarray:
-        """Indices of the k best documents, best first (ties keep document order)."""
-        vector = np.zeros(len(self.vocabulary), dtype=np.float64)
-        for gram, count in Counter(char_ngrams(text)).items():
-            col = self.vocabulary.get(gram)
-            if col is not None:
-                vector[col] = (1.0 + math.log(count)) * self.idf[col]
-        scores = self.matrix @ vector
-        k = min(k, len(scores))
-        order = np.argsort(-scores, kind="stable")
-        return order[:k]
-
-
-def _l2_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
-    norms[norms == 0] = 1.0
-    return sp.diags(1.0 / norms) @ matrix
+from mengzi_ray.text import tag_string
 
 
 @dataclass

@@ -110,6 +110,10 @@ def test_fine_tuned_retriever_far_above_chance_and_independent_of_actors(ray_loc
     assert one["metrics"]["i2t_R@1"] >= 3 * 0.05
     assert one["metrics"]["t2i_R@1"] >= 3 * 0.05
     assert one["metrics"]["rsum"] >= 2.5
+    # TF-IDF beside the cross-encoder (this dir has no dual encoder); a shortlist of all 60 texts is its ranking
+    assert "dual_encoder" not in one and set(one["tfidf"]["two_stage"]) == {"20", "100"}
+    assert one["tfidf"]["two_stage"]["100"] == one["metrics"]
+    assert 0 <= one["tfidf"]["metrics"]["rsum"] <= 6
     saved = json.loads((root / "one" / "metrics.json").read_text())
     assert saved["metrics"] == one["metrics"] and saved["num_images"] == NUM_VAL
 

@@ -148,6 +148,17 @@ def test_serve_cluster_config_is_the_local_one_bound_to_all_interfaces_with_the_
     assert not ServeAppConfig.model_validate(cluster["applications"][0]["args"]).allow_anonymous
 
 
+def test_the_local_serve_detector_is_the_tiny_extract_cards():
+    """An upload to the local app is detected as the demo's extract stage detects (same random-init network and
+    sizes), at that card's cost per image, not a larger untested variant."""
+    from mengzi_ray.features.card import DetectorSection
+
+    tiny = yaml.safe_load((ROOT / "jobs" / "extract_tiny.yaml").read_text())["detector"]
+    for name in ("config.yaml", "cluster.yaml"):
+        served = yaml.safe_load((ROOT / "serve" / name).read_text())["applications"][0]["args"]["detector"]["model"]
+        assert DetectorSection.model_validate(served) == DetectorSection.model_validate(tiny), name
+
+
 def test_runtime_env_parses_and_excludes_outputs():
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert "outputs/" in env["excludes"] and ".venv/" in env["excludes"]

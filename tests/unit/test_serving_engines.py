@@ -17,7 +17,8 @@ from mengzi_ray.serving.captioning import CaptionEngine, CaptionJob, RegionSet
 from mengzi_ray.serving.errors import ApiError, BodyLimitMiddleware
 from mengzi_ray.serving.gallery import load_gallery, read_caption_rows
 from mengzi_ray.inference import MatchScorer
-from mengzi_ray.serving.retrieval import NgramIndex, RetrievalEngine, SearchQuery, char_ngrams
+from mengzi_ray.index.ngram import NgramIndex, char_ngrams
+from mengzi_ray.serving.retrieval import RetrievalEngine, SearchQuery
 from mengzi_ray.serving.schemas import CaptionRequest, RegionsIn, component_schemas, request_body
 from mengzi_ray.serving.settings import BatchedReplicaSection, GallerySection, ServeAppConfig
 from tests.tiny_models import write_tiny_models

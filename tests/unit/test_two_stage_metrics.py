@@ -61,3 +61,34 @@ def test_dual_encoder_report_on_a_model_dir(tmp_path) -> None:
     assert set(report["metrics"]) == {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum"}
     assert report["two_stage"]["24"] == retrieval_recall(cross, gallery.text_to_image, (1, 5))
     assert set(report["two_stage"]) == {"4", "24"}
+
+
+def test_image_queries_rank_by_their_own_first_stage_grid() -> None:
+    text_to_image = np.arange(3)
+    cross = np.array([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.1, 0.2, 0.6]])
+    first = np.array([[0.0, 0.5, 0.1], [0.9, 0.9, 0.0], [0.8, 0.0, 0.9]])
+    both = two_stage_recall(cross, first, text_to_image, 2, (1,))
+    # an i2t grid that shortlists every image's own text: i2t is the cross-encoder's ranking within the shortlist
+    own = np.eye(3) + 0.5 * np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    split = two_stage_recall(cross, first, text_to_image, 2, (1,), first_i2t=own)
+    assert split["t2i_R@1"] == both["t2i_R@1"]  # text queries still use `first`
+    # image 0 {0, 2}: 0.9 > 0.2 → hit; image 1 {1, 0}: 0.8 > 0.7 → miss; image 2 {2, 1}: 0.6 > 0.2 → hit
+    assert split["i2t_R@1"] == pytest.approx(2 / 3) and both["i2t_R@1"] == pytest.approx(1 / 3)
+
+
+def test_tfidf_report_ranks_by_shared_characters_and_a_full_shortlist_is_the_cross_encoder() -> None:
+    from mengzi_ray.evaluation.retrieval_eval import Gallery
+    from mengzi_ray.evaluation.two_stage import tfidf_report, tfidf_scores
+
+    od_labels = ["红色 圆形", "蓝色 正方形", "绿色 三角形"]
+    texts = ["一个红色的圆形", "红圆", "蓝色的正方形", "一个正方形", "绿色三角形", "三角"]
+    gallery = Gallery(image_ids=["a", "b", "c"], regions=[np.zeros((1, 4), np.float32)] * 3, od_labels=od_labels, texts=texts,
+                      text_to_image=np.repeat(np.arange(3), 2))
+    t2i, i2t = tfidf_scores(gallery)
+    assert t2i.shape == i2t.shape == (3, 6)
+    assert (t2i.argmax(axis=0) == gallery.text_to_image).all()  # every text's best image shares its characters
+    assert (i2t.argmax(axis=1) == [0, 2, 4]).all()
+    cross = np.random.default_rng(1).random((3, 6))
+    report = tfidf_report(gallery, cross, [2, 6], (1, 2))
+    assert report["metrics"]["t2i_R@1"] == 1.0
+    assert report["two_stage"]["6"] == retrieval_recall(cross, gallery.text_to_image, (1, 2))
