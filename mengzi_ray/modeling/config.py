@@ -49,9 +49,11 @@ class OscarConfig:
     label_smoothing: float = 0.0
     drop_worst_ratio: float = 0.0
     drop_worst_after: int = 0
-    # retrieval's dual-encoder first stage (modeling/dual_encoder.py): embedding size, 0 = none; InfoNCE temperature
+    # retrieval's dual-encoder first stage (modeling/dual_encoder.py): embedding size, 0 = none; InfoNCE temperature;
+    # tower "shared" (the heads read the cross-encoder's trunk) or "separate" (a trunk copy of its own)
     dual_encoder_dim: int = 0
     dual_encoder_temperature: float = 0.05
+    dual_encoder_tower: str = "shared"
     # --- sequence layout the weights were trained with (Oscar keeps these in training_args.bin) ---
     max_seq_a_length: int = 40
     max_seq_length: int = 70
@@ -82,6 +84,8 @@ class OscarConfig:
         if self.dual_encoder_dim < 0 or self.dual_encoder_temperature <= 0:
             raise ValueError(f"dual_encoder_dim must be >= 0 and dual_encoder_temperature > 0, got "
                              f"{self.dual_encoder_dim} and {self.dual_encoder_temperature}")
+        if self.dual_encoder_tower not in ("shared", "separate"):
+            raise ValueError(f"dual_encoder_tower must be shared or separate, got {self.dual_encoder_tower!r}")
         if self.img_feature_type.startswith("dis_code"):
             raise ValueError(f"img_feature_type {self.img_feature_type!r} (discrete codes) is not supported")
         if self.hidden_act not in ACTIVATIONS:

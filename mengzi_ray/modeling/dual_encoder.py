@@ -1,7 +1,8 @@
 """The dual-encoder first stage of retrieval: two pooled projection heads on the retrieval model's Oscar trunk.
 
 The cross-encoder (`OscarForRetrieval`) reads caption ‖ tags ‖ regions together, so a gallery search costs one
-trunk pass per image. The dual encoder runs the same trunk once per side:
+trunk pass per image. The dual encoder runs a trunk (the cross-encoder's own, or a copy of its own: the
+`dual_encoder_tower` setting) once per side:
 
 * image side: [CLS] tags [SEP] (segment 1 for the tags) followed by the regions, no caption;
 * text side: [CLS] caption [SEP], no tags, no regions;
@@ -14,8 +15,9 @@ both directions over embeddings all-gathered across the Ray Train workers (`gath
 part as values, the local part with its gradient, as CLIP-style training does); `distill_loss` is the KL from the
 cross-encoder's softmax over [the positive, the hardest in-batch negatives] to the dual encoder's.
 
-Heads keys in model.safetensors: `dual.text_proj.{weight,bias}`, `dual.image_proj.{weight,bias}`; config.json
-records `dual_encoder_dim` (0 = no dual encoder) and `dual_encoder_temperature`.
+Heads keys in model.safetensors: `dual.text_proj.{weight,bias}`, `dual.image_proj.{weight,bias}`, and with a
+separate tower its trunk under `dual_bert.*`; config.json records `dual_encoder_dim` (0 = no dual encoder),
+`dual_encoder_temperature` and `dual_encoder_tower` (shared | separate).
 """
 
 from __future__ import annotations

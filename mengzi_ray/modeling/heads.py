@@ -7,13 +7,14 @@ img_feats`, plus the task's labels) and return a `TaskOutput` with `.loss` (when
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mengzi_ray.modeling.bert import HeadTransform
-from mengzi_ray.modeling.checkpoint import OscarPreTrainedModel
+from mengzi_ray.modeling.checkpoint import LoadReport, OscarPreTrainedModel
 from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling.dual_encoder import DualEncoderHeads, masked_mean
 from mengzi_ray.modeling.generation import GenerationOutput, SpecialIds, generate
@@ -218,12 +219,15 @@ class OscarForRetrieval(OscarPreTrainedModel):
 
     With `config.dual_encoder_dim` > 0 it also carries the dual-encoder heads (`self.dual`, modeling/dual_encoder.py):
     `embed_texts` / `embed_images` give unit vectors whose inner product ranks a gallery without the cross-encoder.
-    A checkpoint without heads loads into a model with them (they start fresh: training adds them), and one with
-    heads into a model without them (they are ignored).
+    The heads read the cross-encoder's own trunk (`dual_encoder_tower` "shared") or a trunk of their own
+    (`dual_bert`, "separate": twice the weights, and the dual-encoder losses never move the cross-encoder's trunk).
+    A checkpoint without heads loads into a model with them (they start fresh: training adds them; a separate tower
+    the checkpoint lacks starts as a copy of the loaded trunk), and one with heads into a model without them (they
+    are ignored).
     """
 
-    tolerated_missing = (r"classifier\.", r"dual\.")
-    tolerated_unexpected = (r"cls\.", r"dual\.")
+    tolerated_missing = (r"classifier\.", r"dual\.", r"dual_bert\.")
+    tolerated_unexpected = (r"cls\.", r"dual\.", r"dual_bert\.")
 
     def __init__(self, config: OscarConfig):
         super().__init__(config)
@@ -231,7 +235,21 @@ class OscarForRetrieval(OscarPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.dual = DualEncoderHeads(config.hidden_size, config.dual_encoder_dim) if config.dual_encoder_dim else None
+        separate = bool(config.dual_encoder_dim) and config.dual_encoder_tower == "separate"
+        self.dual_bert = OscarModel(config) if separate else None
         self.init_weights()
+        if self.dual_bert is not None:
+            self.dual_bert.load_state_dict(self.bert.state_dict())
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], file: str, **kwargs: Any) -> LoadReport:
+        """As the base class; a separate tower the checkpoint does not carry starts from the loaded trunk."""
+        report = super().load_checkpoint_state(state, file, **kwargs)
+        if self.dual_bert is not None and any(k.startswith("dual_bert.") for k in report.missing):
+            self.dual_bert.load_state_dict(self.bert.state_dict())
+        return report
+
+    def _tower(self) -> OscarModel:
+        return self.bert if self.dual_bert is None else self.dual_bert
 
     @property
     def has_dual_encoder(self) -> bool:
@@ -245,7 +263,7 @@ class OscarForRetrieval(OscarPreTrainedModel):
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text side: [CLS] caption [SEP] ids (B, T), 0/1 mask (B, T) → (B, dim) unit vectors (float32)."""
         heads = self._heads()
-        hidden = self.bert(input_ids, attention_mask, torch.zeros_like(input_ids)).last_hidden_state
+        hidden = self._tower()(input_ids, attention_mask, torch.zeros_like(input_ids)).last_hidden_state
         return heads.project_text(masked_mean(hidden, attention_mask))
 
     def embed_images(
@@ -254,7 +272,7 @@ class OscarForRetrieval(OscarPreTrainedModel):
         """Image side: [CLS] tags [SEP] ids (B, T), segments (B, T), regions (B, R, D), 0/1 mask (B, T + R) →
         (B, dim) unit vectors (float32)."""
         heads = self._heads()
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, img_feats).last_hidden_state
+        hidden = self._tower()(input_ids, attention_mask, token_type_ids, img_feats).last_hidden_state
         return heads.project_image(masked_mean(hidden, attention_mask))
 
     def forward(

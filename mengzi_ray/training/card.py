@@ -244,6 +244,9 @@ class DualEncoderSection(Section):
     distill_weight: float = Field(1.0, ge=0, description="0 turns distillation (and its teacher passes) off")
     hard_negatives: int = Field(3, ge=1, description="in-batch negatives per caption the cross-encoder scores")
     distill_temperature: float = Field(1.0, gt=0, description="temperature on the cross-encoder's match log-odds")
+    tower: Literal["shared", "separate"] = Field(
+        "shared", description="shared: the heads read the cross-encoder's trunk (one model); separate: a trunk copy of "
+        "their own (twice the weights; the dual losses never move the cross-encoder)")
 
 
 class RetrievalSection(Section):

@@ -184,7 +184,7 @@ class RetrievalTask(Task):
                 # unused by retrieval; kept within max_seq_length so the config stays valid
                 "max_seq_a_length": min(OscarConfig.max_seq_a_length, r.max_seq_length),
                 "dual_encoder_dim": r.dual_encoder.dim if r.dual_encoder.enabled else 0,
-                "dual_encoder_temperature": r.dual_encoder.temperature}
+                "dual_encoder_temperature": r.dual_encoder.temperature, "dual_encoder_tower": r.dual_encoder.tower}
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""

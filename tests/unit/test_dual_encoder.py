@@ -128,6 +128,49 @@ def test_heads_travel_in_the_model_dir_and_dirs_without_them_still_load(data: Pa
     assert OscarForRetrieval.from_pretrained(plain_dir, dual_encoder_dim=16).has_dual_encoder
 
 
+def _trunk_grads(task, model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    task.loss(model, batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("bert.") and p.grad is not None}
+
+
+def test_a_separate_tower_starts_as_the_trunk_and_keeps_the_dual_losses_off_the_cross_encoder(data: Path, tmp_path: Path) -> None:
+    separate = DUAL + ["retrieval.dual_encoder.tower=separate"]
+    card, task, model, rows, _ = setup(data, tmp_path, separate)
+    assert model.config.dual_encoder_tower == "separate"
+    assert all(torch.equal(v, model.bert.state_dict()[k]) for k, v in model.dual_bert.state_dict().items())
+    rng = np.random.default_rng(0)
+    pool = NegativePool(64, rng)
+    pool.add(rows)
+    batch = {k: torch.as_tensor(v) for k, v in task.make_batch(rows[:6], rng, pool).items()}
+    model.eval()  # no dropout: the two backward passes see the same forward
+    with_dual = _trunk_grads(task, model, batch)
+    assert model.get_parameter("dual_bert.encoder.layer.0.attention.self.query.weight").grad.abs().sum() > 0
+    cross_only = {k: v for k, v in batch.items() if not k.startswith(("text_side.", "image_side.")) and k != "dual_image_key"}
+    model.zero_grad(set_to_none=True)
+    model(**cross_only).loss.backward()
+    assert with_dual.keys() and all(torch.equal(with_dual[n], model.get_parameter(n).grad) for n in with_dual)
+    # the shared tower sends the dual losses into the same trunk: its gradients differ from the cross loss alone
+    _, shared_task, shared, _, _ = setup(data, tmp_path / "shared", DUAL)
+    assert shared.dual_bert is None
+    shared.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("dual_bert.")})
+    shared.eval()
+    shared_grads = _trunk_grads(shared_task, shared, batch)
+    assert any(not torch.equal(shared_grads[n], model.get_parameter(n).grad) for n in shared_grads)
+    # the tower travels in the model dir; embeddings come from it
+    out = model.save_pretrained(tmp_path / "separate_dir")
+    assert json.loads((out / "config.json").read_text())["dual_encoder_tower"] == "separate"
+    with torch.no_grad():
+        model.dual_bert.pooler.dense.weight.zero_()  # not used by the sides (masked mean), so embeddings stay
+        model.dual_bert.embeddings.word_embeddings.weight.mul_(2)
+    saved = model.save_pretrained(tmp_path / "moved")
+    loaded = OscarForRetrieval.from_pretrained(saved)
+    assert torch.equal(loaded.dual_bert.embeddings.word_embeddings.weight, model.dual_bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(loaded.dual_bert.embeddings.word_embeddings.weight, loaded.bert.embeddings.word_embeddings.weight)
+    texts = [r.texts[0] for r in rows[:3]]
+    assert not np.allclose(DualEmbedder(saved, batch_size=4).embed_texts(texts), DualEmbedder(out, batch_size=4).embed_texts(texts))
+
+
 def test_an_embedding_does_not_depend_on_its_batch(data: Path, tmp_path: Path) -> None:
     _, task, model, rows, val = setup(data, tmp_path)
     model.eval()
