@@ -3,17 +3,19 @@
 On the synthetic query set (`write_synthetic_dataset(unique=True)`: every caption describes exactly one image, so a
 caption query has one right answer), in one process:
 
-1. trains two tiny retrieval models from the same init and seed, one with the `retrieval.dual_encoder` section and
-   one without (in-process loop over the retrieval task's own batches and loss; no Ray), and reports the
-   cross-encoder's own cross-image R@K of both on a held-out gallery (the dual section must not cost the
-   cross-encoder ranking quality), plus the dual encoder's own R@K;
+1. trains tiny retrieval models from the same init and seed: without the `retrieval.dual_encoder` section ("plain"),
+   with it on the cross-encoder's trunk ("shared" tower) and with a trunk of its own ("separate" tower)
+   (in-process loop over the retrieval task's own batches and loss; no Ray), and reports the cross-encoder's own
+   cross-image R@K of each on a held-out gallery (the dual section must not cost the cross-encoder ranking
+   quality), plus the dual encoder's own R@K and the training time;
 2. on a `--gallery`-image gallery (default 10,000), Serve's `RetrievalEngine` per method: ms per caption query,
    top-10 overlap with brute force, R@1/5/10 against the described image. Brute force scores every gallery image
    with the cross-encoder per query, so it runs on `--brute-queries` queries only; the cheap methods also run on
    `--queries` queries for steadier R@K.
 
     .venv/bin/python bench/bench_retrieval_stages.py [--gallery 10000] [--brute-queries 3] [--queries 100]
-        [--candidates 100] [--steps 300] [--model DIR]  (--model: a trained dir with a dual encoder; skips part 1)
+        [--candidates 100] [--steps 300] [--variants plain shared separate] [--stage-model separate]
+        [--model DIR]  (--model: a trained dir with a dual encoder; skips part 1)
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ CARD = Path(__file__).resolve().parents[1] / "jobs" / "retrieval_tiny.yaml"
 log = logging.getLogger("bench_retrieval_stages")
 
 
-def train(data: Path, work: Path, steps: int, dual: bool, val_images: int) -> tuple[str, dict[str, float]]:
-    """Train the tiny card for `steps` steps in-process (batch 16, the card's lr and warmup); returns (model dir,
-    validation metrics on the first `val_images` val images)."""
+VARIANTS = ("plain", "shared", "separate")
+
+
+def train(data: Path, work: Path, steps: int, variant: str, val_images: int) -> tuple[str, dict[str, float]]:
+    """Train the tiny card for `steps` steps in-process (batch 16, the card's lr and warmup) as `variant` (one of
+    VARIANTS); returns (model dir, validation metrics on the first `val_images` val images)."""
+    dual = variant != "plain"
     card = load_card(RetrievalCard, CARD, [
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={work}",
         "retrieval.max_seq_length=40", f"retrieval.dual_encoder.enabled={str(dual).lower()}",
+        *([f"retrieval.dual_encoder.tower={variant}"] if dual else []),
         "retrieval.dual_encoder.dim=64", "scaling.num_workers=1", "batch.global_batch_size=16",
         "batch.per_worker_batch_size=16", f"schedule.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}",
     ])
@@ -80,11 +87,11 @@ def train(data: Path, work: Path, steps: int, dual: bool, val_images: int) -> tu
         optimizer.step()
         scheduler.step()
         if (step + 1) % 100 == 0:
-            log.info("%s step %d/%d loss %.4f", "dual" if dual else "plain", step + 1, steps, loss.item())
+            log.info("%s step %d/%d loss %.4f", variant, step + 1, steps, loss.item())
     seconds = time.perf_counter() - start
     val = load_image_records(data / "features/part-0.parquet", data / "text.jsonl", "val")[:val_images]
     metrics = task.validate(model, val)
-    out = model.save_pretrained(work / ("dual" if dual else "plain"))
+    out = model.save_pretrained(work / variant)
     return str(out), {**metrics, "train_seconds": round(seconds, 1)}
 
 
@@ -149,6 +156,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--val-images", type=int, default=100, help="held-out gallery of part 1")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="part 1's models")
+    parser.add_argument("--stage-model", choices=VARIANTS[1:], default="separate",
+                        help="which trained variant part 2 compares the stages with")
     parser.add_argument("--model", help="trained retrieval dir with a dual encoder (skips training)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
@@ -160,14 +170,18 @@ def main() -> int:
     model_dir = args.model
     if model_dir is None:
         data = write_synthetic_dataset(work / "train", num_train=args.train_images, num_val=args.val_images, seed=3, unique=True)
-        plain_dir, plain = train(data.root, work / "plain", args.steps, False, args.val_images)
-        model_dir, dual = train(data.root, work / "dual", args.steps, True, args.val_images)
-        results["training"] = {"without_dual": plain, "with_dual": dual}
+        trained = {v: train(data.root, work / v, args.steps, v, args.val_images) for v in args.variants}
+        results["training"] = {v: metrics for v, (_, metrics) in trained.items()}
         print(f"\ncross-encoder cross-image R@K on {args.val_images} held-out images after {args.steps} steps")
         keys = [f"val_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["val_rsum"]
         print_table(["model", *[k[4:] for k in keys], "train s"],
-                    [[name, *[f"{m[k]:.3f}" for k in keys], m["train_seconds"]] for name, m in (("without dual", plain), ("with dual", dual))])
-        print("dual encoder alone: " + ", ".join(f"{k[9:]} {dual[k]:.3f}" for k in dual if k.startswith("val_dual_")))
+                    [[name, *[f"{m[k]:.3f}" for k in keys], m["train_seconds"]] for name, m in results["training"].items()])
+        for name, m in results["training"].items():
+            if name != "plain":
+                print(f"dual encoder alone ({name} tower): " + ", ".join(f"{k[9:]} {m[k]:.3f}" for k in m if k.startswith("val_dual_")))
+        if args.stage_model not in trained:
+            raise SystemExit(f"--stage-model {args.stage_model} is not among --variants {args.variants}")
+        model_dir = trained[args.stage_model][0]
     start = time.perf_counter()
     gallery = write_synthetic_dataset(work / "gallery", num_train=0, num_val=args.gallery, seed=11, unique=True)
     print(f"\n{args.gallery}-image unique gallery written in {time.perf_counter() - start:.0f}s")
@@ -183,7 +197,7 @@ def main() -> int:
                   "-" if r["top10_overlap_with_brute"] is None else f"{r['top10_overlap_with_brute']:.2f}"] for r in rows])
     settings = {k: getattr(args, k) for k in ("gallery", "brute_queries", "queries", "candidates", "steps",
                                                "train_images", "val_images")}
-    settings["model"] = args.model or "tiny, trained in this run"
+    settings["model"] = args.model or f"tiny, trained in this run ({args.stage_model} tower for part 2)"
     print(f"\nwrote {write_results('bench_retrieval_stages', torch.device('cpu'), commit, settings, results)}")
     return 0
 
