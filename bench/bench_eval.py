@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 import torch
-from common import git_commit, pick_device, print_table, write_results
+from common import git_commit, init_local_ray, pick_device, print_table, write_results
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import predict_captions
@@ -86,7 +86,7 @@ def main() -> None:
         refs = {r.image_id: r.texts for r in val}
         regions = {r.image_id: (r.features, r.od_labels, "") for r in val}
         gallery = build_gallery(list(refs), refs, regions, CAPTIONS)
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        init_local_ray(num_cpus=4)
         try:
             retrieval = bench_retrieval(retriever, gallery)
             caption = bench_caption(captioner, data.features_path, val)

@@ -7,7 +7,8 @@ N and 2N gallery images (per-pair cost should stay flat).
   and one on IMAGES images give steady = (IMAGES - SMALL) / (t_full - t_small), start-up = t_small - SMALL / steady.
 * Pairs: `score_pairs` (Ray Data, 1 actor) vs `PairScorer.score` over the whole pair range in this process (1
   thread), on the cross-image pair space of N and 2N images (N·3 captions each: 4× the pairs). Seconds per pair
-  at both sizes and their ratio (1.0 = flat).
+  at both sizes and their ratio (1.0 = flat), end to end and steady (a PAIRS_SMALL-image run's time and pairs
+  subtracted: the actor start-up and model load).
 
 Tiny random-init models (throughput does not depend on the weights); Ray embedded with 4 logical CPUs.
 `python bench/bench_infer_ray.py [--images 500] [--pairs-images 40]`.
@@ -24,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 from bench_eval import CAPTIONS, MAX_GEN, _tiny_model  # the same tiny models and caption budget
-from common import git_commit, pick_device, print_table, write_results
+from common import git_commit, init_local_ray, pick_device, print_table, write_results
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.evaluation.caption_inference import predict_captions
@@ -35,6 +36,7 @@ from mengzi_ray.text import build_vocab, write_vocab
 
 SCRIPT = "bench_infer_ray"
 SMALL = 16  # images of the start-up run
+PAIRS_SMALL = 4  # images of the pair scoring start-up run
 NUM_BEAMS, CAPTION_BATCH = 2, 16
 PAIR_BATCH = 64
 PAIR_CHUNK = 1024
@@ -62,23 +64,32 @@ def bench_caption(model_dir: Path, features: Path, val: list) -> dict:
     }
 
 
-def bench_pairs(model_dir: Path, val: list, n: int) -> dict:
+def _ray_pairs(model_dir: Path, val: list, n: int) -> tuple[float, CrossPairs, object, np.ndarray]:
+    """(seconds, pairs, gallery, scores) of scoring the first n images' cross grid on Ray Data, start-up included."""
     chosen = val[:n]
     refs = {r.image_id: r.texts for r in chosen}
     gallery = build_gallery(list(refs), refs, {r.image_id: (r.features, r.od_labels, "") for r in chosen}, CAPTIONS)
     pairs = CrossPairs(gallery.num_images, gallery.num_texts)
     start = time.perf_counter()
-    on_ray = score_pairs(str(model_dir), gallery, pairs, num_actors=1, chunk_size=PAIR_CHUNK, batch_size=PAIR_BATCH)
-    t_ray = time.perf_counter() - start
+    scores = score_pairs(str(model_dir), gallery, pairs, num_actors=1, chunk_size=PAIR_CHUNK, batch_size=PAIR_BATCH)
+    return time.perf_counter() - start, pairs, gallery, scores
+
+
+def bench_pairs(model_dir: Path, val: list, n: int, startup: tuple[float, int]) -> dict:
+    """Cross grid of n images on Ray Data vs in-process; steady µs/pair subtracts the `startup` run's (seconds,
+    pairs) as the caption part does (same actor start-up and model load, few pairs)."""
+    t_ray, pairs, gallery, on_ray = _ray_pairs(model_dir, val, n)
     scorer = PairScorer(str(model_dir), gallery, pairs, PAIR_BATCH, False)
     start = time.perf_counter()
     _, local = scorer.score(0, pairs.num_pairs)
     t_local = time.perf_counter() - start
     assert (on_ray == local).all(), "Ray Data scores differ from the in-process loop"
+    steady_us = 1e6 * (t_ray - startup[0]) / (pairs.num_pairs - startup[1])
+    local_us = 1e6 * t_local / pairs.num_pairs
     return {
         "images": n, "pairs": pairs.num_pairs, "ray_s": t_ray, "in_process_s": t_local,
-        "ray_us_per_pair": 1e6 * t_ray / pairs.num_pairs, "in_process_us_per_pair": 1e6 * t_local / pairs.num_pairs,
-        "ratio": t_local / t_ray,
+        "ray_us_per_pair": 1e6 * t_ray / pairs.num_pairs, "ray_steady_us_per_pair": steady_us,
+        "in_process_us_per_pair": local_us, "ratio": t_local / t_ray, "steady_ratio": local_us / steady_us,
     }
 
 
@@ -87,6 +98,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--pairs-images", type=int, default=40)
     args = parser.parse_args()
+    if args.images < 4 * SMALL or args.pairs_images < 4 * PAIRS_SMALL:
+        parser.error(f"--images must be >= {4 * SMALL} and --pairs-images >= {4 * PAIRS_SMALL}: the steady rates "
+                     "subtract a start-up run of that size")
     commit = git_commit()
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # machine_info records it again at the end
     device = pick_device()
@@ -99,10 +113,12 @@ def main() -> None:
         write_vocab(build_vocab([t for r in val for t in r.texts] + [r.od_labels for r in val]), root / "vocab.txt")
         captioner = _tiny_model(OscarForCaptioning, root / "vocab.txt", root / "captioner")
         retriever = _tiny_model(OscarForRetrieval, root / "vocab.txt", root / "retriever")
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        init_local_ray(num_cpus=4)
         try:
             caption = bench_caption(captioner, data.features_path, val[: args.images])
-            pairs = [bench_pairs(retriever, val, n) for n in (args.pairs_images, 2 * args.pairs_images)]
+            startup_s, startup_pairs, _, _ = _ray_pairs(retriever, val, PAIRS_SMALL)
+            pairs = [bench_pairs(retriever, val, n, (startup_s, startup_pairs.num_pairs))
+                     for n in (args.pairs_images, 2 * args.pairs_images)]
         finally:
             ray.shutdown()
     print_table(
@@ -112,12 +128,13 @@ def main() -> None:
     )
     print()
     print_table(
-        ["pair scoring", "pairs", "in-process µs/pair", "Ray Data µs/pair", "ratio"],
-        [[f"{p['images']} images", p["pairs"], f"{p['in_process_us_per_pair']:.1f}", f"{p['ray_us_per_pair']:.1f}", f"{p['ratio']:.2f}"] for p in pairs],
+        ["pair scoring", "pairs", "in-process µs/pair", "Ray Data µs/pair", "steady µs/pair", "ratio", "steady ratio"],
+        [[f"{p['images']} images", p["pairs"], f"{p['in_process_us_per_pair']:.1f}", f"{p['ray_us_per_pair']:.1f}",
+          f"{p['ray_steady_us_per_pair']:.1f}", f"{p['ratio']:.2f}", f"{p['steady_ratio']:.2f}"] for p in pairs],
     )
-    flat = pairs[1]["ray_us_per_pair"] / pairs[0]["ray_us_per_pair"]
-    print(f"\nRay Data per-pair cost 2N / N: {flat:.2f}")
-    settings = {"images": args.images, "small": SMALL, "pairs_images": args.pairs_images, "num_beams": NUM_BEAMS,
+    flat = pairs[1]["ray_steady_us_per_pair"] / pairs[0]["ray_steady_us_per_pair"]
+    print(f"\nRay Data steady per-pair cost 2N / N: {flat:.2f} (start-up: {startup_s:.1f} s for {PAIRS_SMALL} images)")
+    settings = {"images": args.images, "small": SMALL, "pairs_small": PAIRS_SMALL, "pairs_images": args.pairs_images, "num_beams": NUM_BEAMS,
                 "caption_batch": CAPTION_BATCH, "pair_batch": PAIR_BATCH, "pair_chunk": PAIR_CHUNK, "threads": 1,
                 "model": "hidden 128, 2 layers, random init", "ray_num_cpus": 4, "loadavg_at_start": load_at_start}
     path = write_results(SCRIPT, device, commit, settings, {"caption": caption, "pairs": pairs, "per_pair_2n_over_n": flat})
