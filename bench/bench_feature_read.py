@@ -3,8 +3,9 @@
 Every reader produces, for every row, the image key and an (N, 2054) float32 matrix, reading the whole file from
 the local disk (page cache warm after the first repeat; all alike). Baseline: Oscar's TSVFile reading, i.e. split
 each line on tabs, base64-decode the last column, np.frombuffer → reshape (num_boxes, 2054). Ours: pyarrow.parquet
-iter_batches (image_id and features only: column projection) + features.layout.region_arrays_of, for the nested
-layout (list<fixed_size_list<float32>>), the packed float32 layout and packed float16 (lossy, upcast on read).
+iter_batches (image_id and features only: column projection) through the memory-mapped local filesystem of
+storage.filesystem_for + features.layout.region_arrays_of, for the nested layout (list<fixed_size_list<float32>>),
+the packed float32 layout and packed float16 (lossy, upcast on read).
 Also shown: the per-cell Python-list path (`to_pylist` + region_matrix), and the physical reference: `np.fromfile`
 of the same float32 bytes as one raw file; MB/s counts the float32 bytes every reader hands out.
 """
@@ -25,6 +26,7 @@ from common import git_commit, median, print_table, write_results
 from mengzi_ray.features.layout import LAYOUTS, region_arrays_of, to_layout, write_features
 from mengzi_ray.features.oscar_tsv import encode_regions
 from mengzi_ray.features.schema import FEATURES_SCHEMA, REGION_DIM, region_matrix
+from mengzi_ray.storage import filesystem_for
 
 SCRIPT = "bench_feature_read"
 ROWS = 5000
@@ -68,8 +70,10 @@ def read_tsv(path: Path) -> int:
 
 
 def read_parquet_arrow(path: Path) -> int:
+    """Our reader: the filesystem `storage.filesystem_for` gives every reader of a local dataset (memory-mapped)."""
     count = 0
-    parquet = pq.ParquetFile(path)
+    fs, where = filesystem_for(str(path))
+    parquet = pq.ParquetFile(where, filesystem=fs)
     for batch in parquet.iter_batches(batch_size=512, columns=["image_id", "features"]):
         keys = batch.column(0).to_pylist()
         for key, matrix in zip(keys, region_arrays_of(batch)):

@@ -61,7 +61,10 @@ def filesystem_for(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     (endpoint, region, bucket)."""
     text = str(uri)
     if not is_remote(text):
-        return pafs.LocalFileSystem(), str(Path(text).resolve())
+        # memory-mapped reads: Parquet pages of uncompressed feature columns are used in place, not copied out of
+        # the page cache first (several times the read rate); our files are only ever replaced whole, by rename,
+        # so a mapping never sees a file truncated under it
+        return pafs.LocalFileSystem(use_mmap=True), str(Path(text).resolve())
     path = text[len("s3://") :]
     region = os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
     return _s3_filesystem(_s3_endpoint(), region, path.split("/", 1)[0]), path

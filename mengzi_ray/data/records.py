@@ -54,7 +54,7 @@ def read_text_rows(uri: str | Path) -> list[dict]:
 def load_image_records(features_path: str | Path, text_path: str | Path, split: str, kind: str = "caption") -> list[ImageRecord]:
     """Join features and texts of `split` on image_id, in the features' order. Texts whose image has no features
     are an error (they would silently shrink the dataset); images without texts of the split are skipped."""
-    table = pq.read_table(features_path, columns=["image_id", "features", "tags"])
+    table = pq.read_table(features_path, columns=["image_id", "features", "tags"], memory_map=True)
     texts: dict[str, list[str]] = {}
     for row in read_text_rows(text_path):
         if row["split"] == split and row["kind"] == kind:
