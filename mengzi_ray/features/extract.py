@@ -369,7 +369,8 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
     for stage in stages.column("stage").to_pylist():
         if stage:
             counts[stage] = counts.get(stage, 0) + 1
-    for part in sorted(set(stages.column("part").to_pylist())):
+    parts = set(stages.column("part").to_pylist())
+    for part in sorted(parts, key=lambda name: (not name.startswith("features/"), name)):  # features first
         storage.publish_file(fs, f"{staging}/{part}", f"{root}/{part}")
     fs.delete_dir(staging)
     return {"done": len(rows) - sum(counts.values()), "failed": counts}
