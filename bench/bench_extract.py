@@ -2,7 +2,7 @@
 peak memory of the Ray processes at N and 10N images.
 
 Bare loop: one process decodes every image up front (not timed), builds the detector (not timed), then times
-detector.detect over batches of the card's batch_size. Pipeline: run_extract end to end on local Ray (listing,
+detector.detect over batches of the card's batch_size, with the torch threads of one actor (actors.num_cpus). Pipeline: run_extract end to end on local Ray (listing,
 read, decode tasks, actor start-up including the model build, detection, Parquet writes), once with
 ActorPoolStrategy(min_size=1, max_size=1) and once with 2 actors. Both use the tiny CPU card
 (jobs/extract_tiny.yaml: random-init narrow ResNet-50 C4, resize 128/200, 10 regions) on the synthetic 96x96 set
@@ -61,7 +61,11 @@ def card_for(images: Path, output: Path, actors: int) -> ExtractCard:
 
 
 def bare_loop(images: Path, card: ExtractCard) -> dict[str, float]:
+    """images/s of detector.detect in this process, with as many torch threads as an actor gets (Ray sets
+    OMP_NUM_THREADS to the actor's num_cpus), so the ratio is the pipeline's cost, not a thread count's."""
     decoded = [decode_image(p.read_bytes()) for p in sorted(images.rglob("*.png"))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(card.actors.num_cpus)))
     start = time.perf_counter()
     detector = build_detector(card.detector)
     build = time.perf_counter() - start
@@ -70,8 +74,10 @@ def bare_loop(images: Path, card: ExtractCard) -> dict[str, float]:
     for first in range(0, len(decoded), size):
         detector.detect(decoded[first : first + size])
     seconds = time.perf_counter() - start
-    return {"images_per_s": round(len(decoded) / seconds, 2), "seconds": round(seconds, 2),
-            "build_s": round(build, 2)}
+    result = {"images_per_s": round(len(decoded) / seconds, 2), "seconds": round(seconds, 2),
+              "build_s": round(build, 2), "torch_threads": torch.get_num_threads()}
+    torch.set_num_threads(threads)
+    return result
 
 
 def timed_actor(log: Path) -> type:
