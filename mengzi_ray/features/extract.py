@@ -346,6 +346,7 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
                                   "exif_orientation": card.detector.exif_orientation,
                                   "detector_sizes": _detector_sizes(card.detector)},
         batch_format="pyarrow", batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=math.ceil(card.input.decode_tasks_per_actor * card.actors.max_size)),
     )
     results = decoded.map_batches(
         actor_cls,
