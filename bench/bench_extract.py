@@ -195,6 +195,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.peak_sum = self.peak_one = 0
         self.processes = 0
+        self.largest = ""  # the process that reached peak_one (its Ray name, e.g. ray::MapWorker(...))
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -205,18 +206,20 @@ class RssSampler(threading.Thread):
             sizes = []
             for child in me.children(recursive=True):
                 try:
-                    sizes.append(child.memory_info().rss)
+                    rss = child.memory_info().rss
+                    if rss > self.peak_one:
+                        self.peak_one, self.largest = rss, child.cmdline()[0][:80]
                 except psutil.Error:  # a worker that exited between listing and reading
                     continue
+                sizes.append(rss)
             self.peak_sum = max(self.peak_sum, sum(sizes))
-            self.peak_one = max(self.peak_one, max(sizes, default=0))
             self.processes = max(self.processes, len(sizes))
 
     def stop(self) -> dict[str, float]:
         self._stop_event.set()
         self.join()
         return {"peak_sum_mb": round(self.peak_sum / 2**20, 1), "peak_process_mb": round(self.peak_one / 2**20, 1),
-                "processes": self.processes}
+                "processes": self.processes, "largest": self.largest}
 
 
 def rss_case(count: int) -> None:
@@ -234,8 +237,9 @@ def rss_case(count: int) -> None:
             out[n] = {**sampler.stop(), **run}
             ray.shutdown()
     small, large = out[count], out[RSS_FACTOR * count]
-    rows = [[n, r["peak_sum_mb"], r["peak_process_mb"], r["processes"], r["images_per_s"]] for n, r in out.items()]
-    print_table(["images", "peak sum RSS MB", "peak process RSS MB", "processes", "images/s"], rows)
+    rows = [[n, r["peak_sum_mb"], r["peak_process_mb"], r["largest"], r["processes"], r["images_per_s"]]
+            for n, r in out.items()]
+    print_table(["images", "peak sum RSS MB", "peak process RSS MB", "largest", "processes", "images/s"], rows)
     ratio = {"sum": round(large["peak_sum_mb"] / small["peak_sum_mb"], 3),
              "process": round(large["peak_process_mb"] / small["peak_process_mb"], 3)}
     print(f"peak RSS {RSS_FACTOR}N / N: sum {ratio['sum']:.2f}x, largest process {ratio['process']:.2f}x")
