@@ -362,6 +362,7 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
         write_parts, fn_kwargs={"output": card.output, "staging": staging, "layout": card.feature_layout,
                                 "job_id": job_id},
         batch_format="pyarrow", batch_size=rows_per_part, num_cpus=card.input.decode_num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=card.actors.max_size),  # at most max_size × PART_BYTES buffered
     )
     stages = pa.concat_tables(list(written.iter_batches(batch_size=None, batch_format="pyarrow")))
     if len(stages) != len(rows) or set(stages.column("image_id").to_pylist()) != {r["image_id"] for r in rows}:
