@@ -138,6 +138,14 @@ class InputSection(Section):
     extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="file extensions listed from a dir/prefix")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard (width x height)")
     rows_per_block: int = Field(16, ge=1, description="inputs per read/decode task")
+    block_bytes: int = Field(
+        64 << 20, ge=1, description="decoded pixel bytes per block a decode task hands to the detector actors (a "
+        "block is cut as soon as it reaches this, so 20 MP photos and thumbnails both give bounded blocks)"
+    )
+    decode_tasks_per_actor: float = Field(
+        2.0, gt=0, description="read/decode tasks running at once per detector actor (of actors.max_size, rounded "
+        "up): enough to keep each actor's next batch ready, without a burst of worker start-ups that slows the actors' own"
+    )
     decode_num_cpus: float = Field(
         0.5, gt=0, description="CPUs per read/decode task; differing from actors.num_cpus keeps decoding in tasks "
         "(Ray Data fuses a task stage into the actor stage when their resources match)"

@@ -1,22 +1,26 @@
 """`mengzi-ray extract`: images → region-feature Parquet (features/) + one error row per failed input (errors/).
 
-Pipeline (Ray Data, per chunk of `card.chunk_size` inputs): inputs (features.inputs) → read + decode tasks (try/except
-per row) → detector actors (`ActorPoolStrategy(min_size, max_size)`, `num_cpus`/`num_gpus`/`batch_size` from the
-card; a detector failure on a batch is retried image by image, so only the failing image is lost) → materialize →
-`features/` (FEATURES_SCHEMA) and `errors/` (ERRORS_SCHEMA). Every input of a chunk lands in exactly one of them,
-and the job checks that count before writing. A chunk is the unit of resume: re-running the same card skips every
-image_id already present in features/ or errors/ (except the errors `retry_failed` names: by default read failures,
-which a re-run tries again), so nothing is recomputed or duplicated. Chunks are written under _staging/ and moved into
-place file by file; a torn file found in features/ or errors/ is moved to quarantine/ and its images redone.
+Pipeline (Ray Data, streaming, per chunk of `card.chunk_size` inputs): inputs (features.inputs) → read + decode
+tasks (try/except per row; blocks of at most `input.block_bytes` decoded pixels) → detector actors
+(`ActorPoolStrategy(min_size, max_size)`, `num_cpus`/`num_gpus`/`batch_size` from the card; a detector failure on a
+batch is retried image by image, so only the failing image is lost) → write tasks (about PART_BYTES of features per
+file, `features/` in FEATURES_SCHEMA and `errors/` in ERRORS_SCHEMA, under _staging/). Every input of a chunk lands
+in exactly one of them, and the job checks that count before publishing. A chunk is the unit of resume: re-running
+the same card skips every image_id already present in features/ or errors/ (except the errors `retry_failed` names:
+by default read failures, which a re-run tries again), so nothing is recomputed or duplicated. Chunks are written
+under _staging/ and moved into place file by file; a torn file found in features/ or errors/ is moved to
+quarantine/ and its images redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,8 +36,8 @@ from mengzi_ray.features.decode import decode_image, resize_for_detector, shippi
 from mengzi_ray.features.detectors.base import Detections, build_detector, detections_to_row
 from mengzi_ray.features.detectors.detector_dir import resolve_detector
 from mengzi_ray.features.inputs import list_inputs, read_uri
-from mengzi_ray.features.layout import parquet_options, to_layout
-from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA
+from mengzi_ray.features.layout import to_layout, write_features
+from mengzi_ray.features.schema import ERRORS_SCHEMA, FEATURES_SCHEMA, REGION_DIM
 
 log = logging.getLogger(__name__)
 
@@ -63,35 +67,62 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def read_and_decode(
-    batch: pa.Table, max_pixels: int, exif_orientation: bool = True, detector_sizes: tuple[int, int] | None = None
-) -> pa.Table:
-    """Decode task: input rows → DECODED_SCHEMA rows; a failing row gets stage read/decode and its reason.
-    exif_orientation: the detector's (decode.decode_image). detector_sizes: (test_min_size, test_max_size) of a
-    torchvision_c4 detector, whose resize then happens here (decode.shipping_size), so the pixels shipped to the
-    actors are the detector's input, not the full-resolution image."""
-    rows = []
+def _decoded_rows(
+    batch: pa.Table, max_pixels: int, exif_orientation: bool, detector_sizes: tuple[int, int] | None
+) -> Iterator[dict[str, Any]]:
+    """Input rows → DECODED_SCHEMA row dicts, one image in memory at a time (see read_and_decode)."""
     for row in batch.to_pylist():
         out = {**row, "width": 0, "height": 0, "pixel_width": 0, "pixel_height": 0, "pixels": b"", "stage": "", "error": ""}
         try:
             data = read_uri(row["source"], attempts=READ_ATTEMPTS)
         except (PermissionError, IsADirectoryError) as exc:  # there but not ours to read: a re-run repeats it
-            rows.append({**out, "stage": "access", "error": _message(exc)})
+            yield {**out, "stage": "access", "error": _message(exc)}
             continue
         except Exception as exc:  # one unreadable object must not fail the block
-            rows.append({**out, "stage": "read", "error": _message(exc)})
+            yield {**out, "stage": "read", "error": _message(exc)}
             continue
         try:
             image = decode_image(data, max_pixels, exif_orientation=exif_orientation)
         except Exception as exc:
-            rows.append({**out, "stage": "decode", "error": _message(exc)})
+            yield {**out, "stage": "decode", "error": _message(exc)}
             continue
+        del data
         height, width = image.shape[:2]
         if detector_sizes is not None and shipping_size(width, height, *detector_sizes) != (width, height):
             image = resize_for_detector(image, *detector_sizes)
-        rows.append({**out, "height": height, "width": width, "pixel_height": image.shape[0],
-                     "pixel_width": image.shape[1], "pixels": image.tobytes()})
-    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+        yield {**out, "height": height, "width": width, "pixel_height": image.shape[0],
+               "pixel_width": image.shape[1], "pixels": image.tobytes()}
+
+
+def read_and_decode(
+    batch: pa.Table, max_pixels: int, exif_orientation: bool = True, detector_sizes: tuple[int, int] | None = None
+) -> pa.Table:
+    """Input rows → one table of DECODED_SCHEMA rows; a failing row gets stage read/access/decode and its reason.
+    exif_orientation: the detector's (decode.decode_image). detector_sizes: (test_min_size, test_max_size) of a
+    torchvision_c4 detector, whose resize then happens here (decode.shipping_size), so the pixels shipped to the
+    actors are the detector's input, not the full-resolution image."""
+    return pa.Table.from_pylist(list(_decoded_rows(batch, max_pixels, exif_orientation, detector_sizes)),
+                                schema=DECODED_SCHEMA)
+
+
+def decode_blocks(
+    batch: pa.Table, max_pixels: int, block_bytes: int, exif_orientation: bool = True,
+    detector_sizes: tuple[int, int] | None = None,
+) -> Iterator[pa.Table]:
+    """The decode task: read_and_decode, yielding a block as soon as its pixels reach `block_bytes`, so a task
+    holds at most about block_bytes plus one image whatever the photos' size (a bucket of 20 MP originals gives
+    blocks of a few images, one of thumbnails blocks of the whole batch). Ray Data passes each yielded table
+    downstream as its own block."""
+    rows: list[dict[str, Any]] = []
+    size = 0
+    for row in _decoded_rows(batch, max_pixels, exif_orientation, detector_sizes):
+        rows.append(row)
+        size += len(row["pixels"])
+        if size >= block_bytes:
+            yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+            rows, size = [], 0
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
 def _failed_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
@@ -269,10 +300,38 @@ def _detector_sizes(section: DetectorSection) -> tuple[int, int] | None:
     return (section.test_min_size, section.test_max_size) if section.backend == "torchvision_c4" else None
 
 
+# feature bytes per written Parquet part: the write stage buffers this much (not the whole chunk) before a file
+PART_BYTES = 64 << 20
+
+
+def write_parts(batch: pa.Table, output: str, staging: str, layout: str, job_id: str) -> pa.Table:
+    """Write task: RESULT_SCHEMA rows → <staging>/features/<name>.parquet (the detected rows, in `layout`) and
+    <staging>/errors/<name>.parquet (the failed ones). <name> is the job id and a hash of the batch's image_ids, so a task that
+    Ray retries overwrites its own files instead of adding a second copy. `staging` is a path inside `output`'s
+    filesystem. Returns {image_id, stage, part} per input row, part = the file (relative to staging) it went to."""
+    fs, _ = storage.filesystem_for(output)
+    ids = batch.column("image_id").to_pylist()
+    name = f"{job_id}-{hashlib.sha1(chr(10).join(sorted(ids)).encode('utf-8')).hexdigest()[:24]}.parquet"
+    ok = pc.equal(batch["stage"], "")
+    features, errors = _features_only(batch, layout), _errors_only(batch, job_id)
+    if len(features):
+        fs.create_dir(f"{staging}/features", recursive=True)
+        write_features(features, f"{staging}/features/{name}", fs)
+    if len(errors):
+        fs.create_dir(f"{staging}/errors", recursive=True)
+        with fs.open_output_stream(f"{staging}/errors/{name}") as out:
+            pq.write_table(errors, out)
+    parts = pc.if_else(ok, pa.scalar(f"features/{name}"), pa.scalar(f"errors/{name}"))
+    return pa.table({"image_id": batch["image_id"], "stage": batch["stage"], "part": parts})
+
+
 def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_cls: type = DetectorActor) -> dict:
-    """Extract one chunk of inputs and add its rows to features/ and errors/: Ray Data writes them under
-    <output>/_staging/<job>-<uuid>/, and only then is each finished file moved into place (storage.publish_file),
-    so a crash mid-write leaves no torn file where readers look. Returns {done, failed: {stage: n}}.
+    """Extract one chunk of inputs and add its rows to features/ and errors/, streaming: decode tasks yield blocks
+    of at most card.input.block_bytes pixels, the detector actors take card.actors.batch_size images per call, and
+    write tasks put about PART_BYTES of features per file under <output>/_staging/<job>-<uuid>/, so memory is
+    bounded by those sizes, not by the chunk's. Only when every input is accounted for is each file moved into
+    place (storage.publish_file), so a crash mid-write leaves no torn file where readers look.
+    Returns {done, failed: {stage: n}}.
 
     actor_cls: the detector stage's callable class (tests pass a subclass that injects failures).
     """
@@ -280,12 +339,14 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
 
     fs, root = storage.filesystem_for(card.output)
     root = root.rstrip("/")
+    staging = f"{root}/_staging/{job_id}-{uuid.uuid4().hex[:8]}"
     blocks = max(1, math.ceil(len(rows) / card.input.rows_per_block))
     decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        read_and_decode, fn_kwargs={"max_pixels": card.input.max_pixels, "exif_orientation": card.detector.exif_orientation,
-                                    "detector_sizes": _detector_sizes(card.detector)},
-        batch_format="pyarrow",
-        batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
+        decode_blocks, fn_kwargs={"max_pixels": card.input.max_pixels, "block_bytes": card.input.block_bytes,
+                                  "exif_orientation": card.detector.exif_orientation,
+                                  "detector_sizes": _detector_sizes(card.detector)},
+        batch_format="pyarrow", batch_size=card.input.rows_per_block, num_cpus=card.input.decode_num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=math.ceil(card.input.decode_tasks_per_actor * card.actors.max_size)),
     )
     results = decoded.map_batches(
         actor_cls,
@@ -295,29 +356,26 @@ def run_chunk(card: ExtractCard, rows: list[dict[str, Any]], job_id: str, actor_
         num_gpus=card.actors.num_gpus or None,
         batch_size=card.actors.batch_size,
         batch_format="pyarrow",
-    ).materialize()
-    stages = pa.concat_tables(ray.get(results.select_columns(["image_id", "stage"]).to_arrow_refs()))
+    )
+    rows_per_part = max(1, PART_BYTES // (card.detector.max_boxes * REGION_DIM * 4))
+    written = results.map_batches(
+        write_parts, fn_kwargs={"output": card.output, "staging": staging, "layout": card.feature_layout,
+                                "job_id": job_id},
+        batch_format="pyarrow", batch_size=rows_per_part, num_cpus=card.input.decode_num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=card.actors.max_size),  # at most max_size × PART_BYTES buffered
+    )
+    stages = pa.concat_tables(list(written.iter_batches(batch_size=None, batch_format="pyarrow")))
     if len(stages) != len(rows) or set(stages.column("image_id").to_pylist()) != {r["image_id"] for r in rows}:
         raise JobFailed(f"chunk of {len(rows)} inputs produced {len(stages)} rows: refusing to write it")
     counts = {s: 0 for s in STAGES}
     for stage in stages.column("stage").to_pylist():
         if stage:
             counts[stage] = counts.get(stage, 0) + 1
-    done = len(rows) - sum(counts.values())
-    staging = f"{root}/_staging/{job_id}-{uuid.uuid4().hex[:8]}"
-    if done:
-        results.map_batches(_features_only, fn_kwargs={"layout": card.feature_layout}, batch_format="pyarrow").write_parquet(
-            f"{staging}/features", filesystem=fs, **parquet_options(FEATURES_SCHEMA)
-        )
-    if done < len(rows):
-        results.map_batches(_errors_only, fn_kwargs={"job_id": job_id}, batch_format="pyarrow").write_parquet(
-            f"{staging}/errors", filesystem=fs
-        )
-    for part in ("features", "errors"):
-        for path in _parts(fs, f"{staging}/{part}"):
-            storage.publish_file(fs, path, f"{root}/{part}/{path.rsplit('/', 1)[-1]}")
+    parts = set(stages.column("part").to_pylist())
+    for part in sorted(parts, key=lambda name: (not name.startswith("features/"), name)):  # features first
+        storage.publish_file(fs, f"{staging}/{part}", f"{root}/{part}")
     fs.delete_dir(staging)
-    return {"done": done, "failed": counts}
+    return {"done": len(rows) - sum(counts.values()), "failed": counts}
 
 
 def run_extract(card: ExtractCard, actor_cls: type = DetectorActor) -> dict[str, Any]:
