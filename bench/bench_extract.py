@@ -36,15 +36,13 @@ from typing import Any
 
 import ray
 import torch
-from common import REPO_ROOT, git_commit, print_table, write_results
+from common import REPO_ROOT, git_commit, init_local_ray, print_table, write_results
 
 from mengzi_ray.config import load_card
-from mengzi_ray.console import quiet_ray
 from mengzi_ray.features.card import DetectorSection, ExtractCard
 from mengzi_ray.features.decode import decode_image
 from mengzi_ray.features.detectors.base import build_detector
 from mengzi_ray.features.extract import DetectorActor, run_extract
-from mengzi_ray.ray_runtime import start_local_ray
 from mengzi_ray.synthetic import write_synthetic_dataset
 
 SCRIPT = "bench_extract"
@@ -162,12 +160,11 @@ def main() -> None:
 
 def tiny_pipeline(count: int) -> None:
     commit = git_commit()
-    quiet = quiet_ray()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images = write_synthetic_dataset(root / "syn", num_train=count, num_val=0).images_dir
         bare = bare_loop(images, card_for(images, root / "unused", 1))
-        start_local_ray(RAY_CPUS, include_dashboard=False, **quiet)
+        init_local_ray(RAY_CPUS)
         pipeline = {actors: pipeline_run(images, root / f"out{actors}", actors, count) for actors in (1, 2)}
         ray.shutdown()
     one, two = pipeline[1], pipeline[2]
@@ -224,13 +221,12 @@ class RssSampler(threading.Thread):
 
 def rss_case(count: int) -> None:
     commit = git_commit()
-    quiet = quiet_ray()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for n in (count, RSS_FACTOR * count):
             images = write_synthetic_dataset(root / f"syn{n}", num_train=n, num_val=0).images_dir
-            start_local_ray(RAY_CPUS, include_dashboard=False, **quiet)
+            init_local_ray(RAY_CPUS)
             sampler = RssSampler()
             sampler.start()
             run = pipeline_run(images, root / f"out{n}", 1, n)

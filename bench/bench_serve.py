@@ -38,11 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.tiny_models
-from common import git_commit, print_table, write_results  # noqa: E402
+from common import git_commit, init_local_ray, print_table, write_results  # noqa: E402
 
 from mengzi_ray.synthetic import write_synthetic_dataset  # noqa: E402
-from mengzi_ray.console import quiet_ray  # noqa: E402
-from mengzi_ray.ray_runtime import start_local_ray  # noqa: E402
 from mengzi_ray.serving.gallery import load_gallery  # noqa: E402
 from mengzi_ray.serving.loadtest import LoadRun  # noqa: E402
 from mengzi_ray.inference import MatchScorer  # noqa: E402
@@ -273,7 +271,7 @@ def caption_part(caption_dir: str, retrieval_dir: str, small, requests: int, par
     row = pq.read_table(small.features_path).slice(0, 1).to_pylist()[0]
     from ray import serve
 
-    start_local_ray(num_cpus=4, include_dashboard=False, **quiet_ray())
+    init_local_ray(num_cpus=4)
     results: dict = {}
     try:
         port = start_serve()

@@ -22,11 +22,10 @@ def init_local_ray(num_cpus: int = 4) -> None:
     """A local Ray for one bench, without Ray Data's progress bars and worker output on the console
     (mengzi_ray.console.quiet_ray): they cost the driver CPU that the timings would count, and their tqdm lock has
     deadlocked `ray.shutdown()` in a bench."""
-    import ray
-
     from mengzi_ray.console import quiet_ray
+    from mengzi_ray.ray_runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet_ray())
+    start_local_ray(num_cpus, include_dashboard=False, **quiet_ray())
 
 
 def pick_device() -> torch.device:
