@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from bench_eval import CAPTIONS, MAX_GEN, _tiny_model  # the same tiny models and caption budget
