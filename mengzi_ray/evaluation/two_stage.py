@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mengzi_ray.evaluation.retrieval_eval import Gallery
-from mengzi_ray.evaluation.retrieval_metrics import recall_from_ranks, retrieval_ranks, retrieval_recall
+from mengzi_ray.evaluation.retrieval_metrics import recall_from_ranks, retrieval_ranks
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.ngram import NgramIndex
 from mengzi_ray.index.store import top_k
