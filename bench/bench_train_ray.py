@@ -13,6 +13,7 @@ examples tensorised in the loop, no Ray Data, no DDP) with the same step (traini
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -24,6 +25,7 @@ from caption_local import train_captioner
 from common import git_commit, print_table, write_results
 
 from mengzi_ray.config import load_card
+from mengzi_ray.console import quiet_ray
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
@@ -93,13 +95,22 @@ def plain_samples_per_second(case: Case, data: Path, init_dir: Path) -> float:
 def main() -> None:
     import ray
 
+    by_name = {c.name: c for c in CASES}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(by_name), help=f"comma-separated cases to run, of {sorted(by_name)}")
+    args = parser.parse_args()
+    unknown = sorted(set(args.cases.split(",")) - set(by_name))
+    if unknown:
+        parser.error(f"--cases: unknown case(s) {unknown}; choose from {sorted(by_name)}")
+    cases = [by_name[name] for name in args.cases.split(",")]
     commit = git_commit()
+    ray_kwargs = quiet_ray()  # Ray Data's progress bars once deadlocked ray.shutdown() here
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
         results: dict[str, dict[str, float]] = {}
-        for case in CASES:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
+        for case in cases:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, **ray_kwargs)
             rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, data, root / "runs")
                      for n in case.worker_counts}
             ray.shutdown()
@@ -108,7 +119,7 @@ def main() -> None:
     rows = [[case, name, f"{v:.1f}", f"{v / r['plain_loop']:.2f}", f"{v / r['ray_1_worker']:.2f}"]
             for case, r in results.items() for name, v in r.items()]
     print_table(["model", "setup", "samples/s", "vs plain loop", "vs 1 worker"], rows)
-    settings = {"cases": [c.__dict__ for c in CASES], "card": CARD.name,
+    settings = {"cases": [c.__dict__ for c in cases], "card": CARD.name,
                 "measured": "between the first and the last validation report (steps every..steps)"}
     write_results(SCRIPT, torch.device("cpu"), commit, settings, results)
 
