@@ -8,12 +8,17 @@ single-process PyTorch loop (the Ray overhead), at two sizes of jobs/caption_tin
 Ray runs report a wall-clock time at every validation; samples/s is measured between the first and the last
 report (startup, the first data-pipeline pass and the final export are excluded; the tiny 2-image greedy
 validation between reports is included). The plain loop is `caption_local.train_captioner` (one process,
-examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py).
+examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py). Both get the same
+compute: `--threads` (default: the machine's cores) torch threads in the plain loop, and as many CPUs reserved for
+the one Ray worker (Ray sets its OMP_NUM_THREADS to them; several workers share them), so the ratio is the Ray tax
+rather than one thread against all cores.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from caption_local import train_captioner
 from common import git_commit, print_table, write_results
 
 from mengzi_ray.config import load_card
+from mengzi_ray.console import quiet_ray
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
@@ -62,8 +68,9 @@ CASES = (
 )
 
 
-def ray_samples_per_second(case: Case, workers: int, data: Path, root: Path) -> float:
-    card = load_card(CaptionCard, CARD, [
+def ray_samples_per_second(case: Case, workers: int, threads: int, data: Path, root: Path) -> float:
+    """Each worker reserves threads // workers CPUs (Ray gives it that many torch threads: OMP_NUM_THREADS)."""
+    card = load_card(CaptionCard, CARD, [f"scaling.cpus_per_worker={max(1, threads // workers)}",
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={root}",
         f"run.name=bench-{case.name}-{workers}", f"scaling.num_workers={workers}",
         f"batch.per_worker_batch_size={case.per_worker}", f"batch.global_batch_size={case.per_worker * workers}",
@@ -76,8 +83,9 @@ def ray_samples_per_second(case: Case, workers: int, data: Path, root: Path) -> 
     return (last["step"] - first["step"]) * case.per_worker * workers / (last["wall_time"] - first["wall_time"])
 
 
-def plain_samples_per_second(case: Case, data: Path, init_dir: Path) -> float:
+def plain_samples_per_second(case: Case, threads: int, data: Path, init_dir: Path) -> float:
     """The same init dir as the Ray runs; a warm-up of a quarter interval, then as many steps as Ray measures."""
+    torch.set_num_threads(threads)
     tokenizer = load_tokenizer(init_dir)
     card = load_card(CaptionCard, CARD, [f"data.features={data}/features", f"data.text={data}/text.jsonl"])
     model = OscarForCaptioning.from_pretrained(init_dir)
@@ -93,22 +101,33 @@ def plain_samples_per_second(case: Case, data: Path, init_dir: Path) -> float:
 def main() -> None:
     import ray
 
+    by_name = {c.name: c for c in CASES}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(by_name), help=f"comma-separated cases to run, of {sorted(by_name)}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the plain loop = CPUs (hence threads) of the one Ray worker, split among several")
+    args = parser.parse_args()
+    unknown = sorted(set(args.cases.split(",")) - set(by_name))
+    if unknown:
+        parser.error(f"--cases: unknown case(s) {unknown}; choose from {sorted(by_name)}")
+    cases = [by_name[name] for name in args.cases.split(",")]
     commit = git_commit()
+    ray_kwargs = quiet_ray()  # Ray Data's progress bars once deadlocked ray.shutdown() here
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
         results: dict[str, dict[str, float]] = {}
-        for case in CASES:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
-            rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, data, root / "runs")
+        for case in cases:
+            ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False, **ray_kwargs)  # 2 for Ray Data
+            rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, args.threads, data, root / "runs")
                      for n in case.worker_counts}
             ray.shutdown()
-            rates["plain_loop"] = plain_samples_per_second(case, data, root / "runs" / f"bench-{case.name}-1" / "init")
+            rates["plain_loop"] = plain_samples_per_second(case, args.threads, data, root / "runs" / f"bench-{case.name}-1" / "init")
             results[case.name] = rates
     rows = [[case, name, f"{v:.1f}", f"{v / r['plain_loop']:.2f}", f"{v / r['ray_1_worker']:.2f}"]
             for case, r in results.items() for name, v in r.items()]
     print_table(["model", "setup", "samples/s", "vs plain loop", "vs 1 worker"], rows)
-    settings = {"cases": [c.__dict__ for c in CASES], "card": CARD.name,
+    settings = {"cases": [c.__dict__ for c in cases], "card": CARD.name, "threads": args.threads,
                 "measured": "between the first and the last validation report (steps every..steps)"}
     write_results(SCRIPT, torch.device("cpu"), commit, settings, results)
 
