@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 from caption_local import train_captioner
-from common import git_commit, print_table, write_results
+from common import git_commit, init_local_ray, print_table, write_results
 
 from mengzi_ray.config import load_card
-from mengzi_ray.console import quiet_ray
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
@@ -112,13 +111,12 @@ def main() -> None:
         parser.error(f"--cases: unknown case(s) {unknown}; choose from {sorted(by_name)}")
     cases = [by_name[name] for name in args.cases.split(",")]
     commit = git_commit()
-    ray_kwargs = quiet_ray()  # Ray Data's progress bars once deadlocked ray.shutdown() here
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
         results: dict[str, dict[str, float]] = {}
         for case in cases:
-            ray.init(address="local", num_cpus=args.threads + 2, include_dashboard=False, **ray_kwargs)  # 2 for Ray Data
+            init_local_ray(args.threads + 2)  # 2 for Ray Data
             rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, args.threads, data, root / "runs")
                      for n in case.worker_counts}
             ray.shutdown()
