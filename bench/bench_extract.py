@@ -32,11 +32,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
-from common import REPO_ROOT, git_commit, init_local_ray, print_table, write_results
+from common import REPO_ROOT, git_commit, init_local_ray, print_table, timed_batches, write_results
 
 from mengzi_ray.config import load_card
 from mengzi_ray.features.card import DetectorSection, ExtractCard
@@ -78,26 +77,11 @@ def bare_loop(images: Path, card: ExtractCard) -> dict[str, float]:
     return result
 
 
-def timed_actor(log: Path) -> type:
-    """DetectorActor that appends {start, end, rows} (wall clock) of every batch to `log`: defined here so Ray
-    ships it by value and the path travels with it."""
-
-    class TimedActor(DetectorActor):
-        def __call__(self, batch: Any) -> Any:
-            start = time.time()
-            out = super().__call__(batch)
-            with log.open("a") as f:
-                f.write(json.dumps({"start": start, "end": time.time(), "rows": len(batch)}) + "\n")
-            return out
-
-    return TimedActor
-
-
 def pipeline_run(images: Path, output: Path, actors: int, count: int) -> dict[str, float]:
     """run_extract with `actors` detector actors, split into start-up and steady state (module docstring)."""
     log = output.with_suffix(".batches.jsonl")
     start = time.time()
-    summary = run_extract(card_for(images, output, actors), actor_cls=timed_actor(log))
+    summary = run_extract(card_for(images, output, actors), actor_cls=timed_batches(DetectorActor, log))
     end = time.time()
     assert summary["done"] == count, summary
     batches = [json.loads(line) for line in log.read_text().splitlines()]

@@ -3,8 +3,8 @@ N and 2N gallery images (per-pair cost should stay flat).
 
 * Caption: `predict_captions` (Ray Data map_batches over a 1-actor pool, 1 CPU) vs `Captioner.caption_records` in this
   process with torch limited to 1 thread (what the actor gets: Ray sets OMP_NUM_THREADS to its CPUs). Ray Data's
-  start-up (actor start, model load, first block) is reported apart from its steady rate: a run on SMALL images
-  and one on IMAGES images give steady = (IMAGES - SMALL) / (t_full - t_small), start-up = t_small - SMALL / steady.
+  start-up (actor start, model load, first block: the call's start to the actor's first batch, from the actor's
+  batch timestamps) is reported apart from its steady rate (IMAGES / (return − first batch start)).
 * Pairs: `score_pairs` (Ray Data, 1 actor) vs `PairScorer.score` over the whole pair range in this process (1
   thread), on the cross-image pair space of N and 2N images (N·3 captions each: 4× the pairs). Seconds per pair
   at both sizes and their ratio (1.0 = flat), end to end and steady (a PAIRS_SMALL-image run's time and pairs
@@ -17,6 +17,7 @@ Tiny random-init models (throughput does not depend on the weights); Ray embedde
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -26,42 +27,41 @@ import numpy as np
 import ray
 import torch
 from bench_eval import CAPTIONS, MAX_GEN, _tiny_model  # the same tiny models and caption budget
-from common import git_commit, init_local_ray, pick_device, print_table, write_results
+from common import git_commit, init_local_ray, pick_device, print_table, timed_batches, write_results
 from mengzi_ray.data.records import load_image_records
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.evaluation.caption_inference import predict_captions
+from mengzi_ray.evaluation.caption_inference import CaptionPredictor, predict_captions
 from mengzi_ray.evaluation.retrieval_eval import CrossPairs, PairScorer, build_gallery, score_pairs
 from mengzi_ray.modeling import OscarForCaptioning, OscarForRetrieval
 from mengzi_ray.inference import Captioner
 from mengzi_ray.text import build_vocab, write_vocab
 
 SCRIPT = "bench_infer_ray"
-SMALL = 16  # images of the start-up run
 PAIRS_SMALL = 4  # images of the pair scoring start-up run
 NUM_BEAMS, CAPTION_BATCH = 2, 16
 PAIR_BATCH = 64
 PAIR_CHUNK = 1024
 
 
-def bench_caption(model_dir: Path, features: Path, val: list) -> dict:
+def bench_caption(model_dir: Path, features: Path, val: list, log: Path) -> dict:
+    """Ray Data start-up = the call's start to the actor's first batch (actor start, model load, read); steady =
+    the images from there to the call's return (the results' trip to the driver included)."""
     ids = [r.image_id for r in val]
     kwargs = {"num_beams": NUM_BEAMS, "max_gen_length": MAX_GEN, "num_actors": 1, "batch_size": CAPTION_BATCH}
-    start = time.perf_counter()
-    predict_captions(str(features), str(model_dir), ids[:SMALL], **kwargs)
-    t_small = time.perf_counter() - start
-    start = time.perf_counter()
-    predict_captions(str(features), str(model_dir), ids, **kwargs)
-    t_full = time.perf_counter() - start
+    start = time.time()
+    predict_captions(str(features), str(model_dir), ids, predictor_cls=timed_batches(CaptionPredictor, log), **kwargs)
+    end = time.time()
+    first = min(json.loads(line)["start"] for line in log.read_text().splitlines())
     captioner = Captioner.from_model_dir(str(model_dir), "cpu", max_gen_length=MAX_GEN, batch_size=CAPTION_BATCH)
-    start = time.perf_counter()
+    begin = time.perf_counter()
     captioner.caption_records(val, num_beams=NUM_BEAMS)
-    t_local = time.perf_counter() - start
-    steady = (len(ids) - SMALL) / max(t_full - t_small, 1e-9)
+    t_local = time.perf_counter() - begin
+    steady = len(ids) / (end - first)
     local = len(ids) / t_local
     return {
-        "images": len(ids), "in_process_s": t_local, "in_process_images_per_s": local, "ray_end_to_end_s": t_full,
-        "ray_steady_images_per_s": steady, "ray_startup_s": t_small - SMALL / steady,
-        "steady_ratio": steady / local, "end_to_end_ratio": (len(ids) / t_full) / local,
+        "images": len(ids), "in_process_s": t_local, "in_process_images_per_s": local, "ray_end_to_end_s": end - start,
+        "ray_steady_images_per_s": steady, "ray_startup_s": first - start,
+        "steady_ratio": steady / local, "end_to_end_ratio": (len(ids) / (end - start)) / local,
     }
 
 
@@ -99,9 +99,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--pairs-images", type=int, default=40)
     args = parser.parse_args()
-    if args.images < 4 * SMALL or args.pairs_images < 4 * PAIRS_SMALL:
-        parser.error(f"--images must be >= {4 * SMALL} and --pairs-images >= {4 * PAIRS_SMALL}: the steady rates "
-                     "subtract a start-up run of that size")
+    if args.pairs_images < 4 * PAIRS_SMALL:
+        parser.error(f"--pairs-images must be >= {4 * PAIRS_SMALL}: the steady rate subtracts a start-up run of that size")
     commit = git_commit()
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # machine_info records it again at the end
     device = pick_device()
@@ -116,7 +115,7 @@ def main() -> None:
         retriever = _tiny_model(OscarForRetrieval, root / "vocab.txt", root / "retriever")
         init_local_ray(num_cpus=4)
         try:
-            caption = bench_caption(captioner, data.features_path, val[: args.images])
+            caption = bench_caption(captioner, data.features_path, val[: args.images], root / "batches.jsonl")
             startup_s, startup_pairs, _, _ = _ray_pairs(retriever, val, PAIRS_SMALL)
             pairs = [bench_pairs(retriever, val, n, (startup_s, startup_pairs.num_pairs))
                      for n in (args.pairs_images, 2 * args.pairs_images)]
@@ -135,7 +134,7 @@ def main() -> None:
     )
     flat = pairs[1]["ray_steady_us_per_pair"] / pairs[0]["ray_steady_us_per_pair"]
     print(f"\nRay Data steady per-pair cost 2N / N: {flat:.2f} (start-up: {startup_s:.1f} s for {PAIRS_SMALL} images)")
-    settings = {"images": args.images, "small": SMALL, "pairs_small": PAIRS_SMALL, "pairs_images": args.pairs_images, "num_beams": NUM_BEAMS,
+    settings = {"images": args.images, "pairs_small": PAIRS_SMALL, "pairs_images": args.pairs_images, "num_beams": NUM_BEAMS,
                 "caption_batch": CAPTION_BATCH, "pair_batch": PAIR_BATCH, "pair_chunk": PAIR_CHUNK, "threads": 1,
                 "model": "hidden 128, 2 layers, random init", "ray_num_cpus": 4, "loadavg_at_start": load_at_start}
     path = write_results(SCRIPT, device, commit, settings, {"caption": caption, "pairs": pairs, "per_pair_2n_over_n": flat})

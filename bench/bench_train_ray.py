@@ -7,7 +7,9 @@ single-process PyTorch loop (the Ray overhead), at two sizes of jobs/caption_tin
 
 Ray runs report a wall-clock time at every validation; samples/s is measured between the first and the last
 report (startup, the first data-pipeline pass and the final export are excluded; the tiny 2-image greedy
-validation between reports is included). The plain loop is `caption_local.train_captioner` (one process,
+validation between reports is included). The full-state checkpoint is written only at the last step (after the
+last report's clock reading): the plain loop writes none, and a checkpoint's cost is the card's cadence times the
+model's size, not a per-step tax (a base-size one is ~1.4 GB of weights and Adam moments). The plain loop is `caption_local.train_captioner` (one process,
 examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py). Both get the same
 compute: `--threads` (default: the machine's cores) torch threads in the plain loop, and as many CPUs reserved for
 the one Ray worker (Ray sets its OMP_NUM_THREADS to them; several workers share them), so the ratio is the Ray tax
@@ -74,7 +76,7 @@ def ray_samples_per_second(case: Case, workers: int, threads: int, data: Path, r
         f"run.name=bench-{case.name}-{workers}", f"scaling.num_workers={workers}",
         f"batch.per_worker_batch_size={case.per_worker}", f"batch.global_batch_size={case.per_worker * workers}",
         f"schedule.max_steps={case.steps}", f"validation.every_steps={case.every}",
-        "data.max_val_images=2", "caption.num_beams=1", "optim.warmup_steps=0", *case.overrides(),
+        f"checkpoint.every_steps={case.steps}", "data.max_val_images=2", "caption.num_beams=1", "optim.warmup_steps=0", *case.overrides(),
     ])
     run_training(card, controller_failure_limit=1)
     history = [json.loads(line) for line in (root / card.run.name / "metrics.jsonl").read_text().splitlines()]

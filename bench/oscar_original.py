@@ -53,7 +53,7 @@ class OriginalCaptioningStep:
         mask = batch["attention_mask"]
         extended = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]).to(torch.float32)
         extended = (1.0 - extended) * -10000.0
-        text = bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        text = bert.embeddings(batch["input_ids"], batch["token_type_ids"], None)  # positions 0..T-1
         regions = bert.img_embedding(batch["img_feats"])
         if bert.LayerNorm is not None:
             regions = bert.LayerNorm(regions)

@@ -63,8 +63,10 @@ def predict_captions(
     num_gpus_per_actor: float = 0.0,
     num_cpus_per_actor: float = 1.0,
     config_overrides: dict[str, Any] | None = None,
+    predictor_cls: type[CaptionPredictor] = CaptionPredictor,
 ) -> pa.Table:
-    """Caption ``image_ids`` of the feature dataset ``features`` with ``num_actors`` model actors (Ray must be up).
+    """Caption ``image_ids`` of the feature dataset ``features`` with ``num_actors`` model actors (Ray must be up);
+    ``predictor_cls`` is the actor class (a subclass for instrumentation, e.g. bench/bench_infer_ray.py's timing).
 
     Returns a PREDICTION_SCHEMA table in the order of ``image_ids``. Raises ValueError for an empty id list and
     RuntimeError when the dataset yields other images than asked for (a count of each, never a silent subset).
@@ -74,7 +76,7 @@ def predict_captions(
     from ray.data import ActorPoolStrategy
 
     dataset = read_feature_dataset(features, image_ids).map_batches(
-        CaptionPredictor,
+        predictor_cls,
         fn_constructor_kwargs={
             "model_dir": model_dir,
             "num_beams": num_beams,
