@@ -39,11 +39,11 @@ class NgramIndex:
         for counter in counts:
             for gram in counter:
                 self.vocabulary.setdefault(gram, len(self.vocabulary))
-        self.idf = np.zeros(len(self.vocabulary), dtype=np.float64)  # document frequencies, then idf below
+        df = np.zeros(len(self.vocabulary), dtype=np.float64)
         for counter in counts:
             for gram in counter:
-                self.idf[self.vocabulary[gram]] += 1
-        self.idf = np.log((1 + len(documents)) / (1 + self.idf)) + 1.0
+                df[self.vocabulary[gram]] += 1
+        self.idf = np.log((1 + len(documents)) / (1 + df)) + 1.0
         self.matrix = self._vectors(counts)
 
     def __len__(self) -> int:
