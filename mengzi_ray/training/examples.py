@@ -3,8 +3,10 @@
 The join is a broadcast hash join: the text side (a few short strings per image, ~100 bytes a row: 3.7M rows of
 the Mengzi corpus is ~0.4 GB of Arrow) is read once on the driver into one Arrow table and put in the object
 store, where every map task reads it zero-copy; the feature side (≈400 KB an image) streams from Parquet block by
-block and is never shuffled or held whole. Tokenisation is not done here: workers tensorise the joined rows with
-the task's tensorizer (`training/tasks.py`), so one dataset feeds every layout.
+block and is never shuffled or held whole. The join holds no tokens, so one joined dataset feeds every layout; a
+task that builds its examples upstream (`Task.upstream`, training/tasks.py) adds a map stage after it
+(`prepare_caption_batch` for captioning: tokens, segments, padded regions and lengths as fixed-shape columns), so
+tokenisation overlaps training and workers receive ready arrays; other tasks tensorise joined rows in the worker.
 
 Driver-side checks (`check_data`) find missing datasets, wrong feature dims and orphan texts before any worker
 starts; they read only Parquet schemas and the image_id column.
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
+from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.records import ImageRecord, read_text_rows
 from mengzi_ray.features.layout import features_dim, region_arrays_of
 from mengzi_ray.text import tag_string
@@ -143,3 +147,15 @@ def to_records(batch: pa.Table | dict[str, Any]) -> list[ImageRecord]:
             zip(table.column("image_id").to_pylist(), texts, table.column("tags").to_pylist(), texts_b)
         )
     ]
+
+
+def prepare_caption_batch(batch: pa.Table, tensorizer: CaptionTensorizer) -> dict[str, np.ndarray]:
+    """Ray Data map stage of caption training (jobs.build_trainer): a joined batch (one text per row) → the
+    deterministic half of its train examples (`CaptionTensorizer.prepare_batch`: input_ids, token_type_ids,
+    img_feats, seq_a_len, seq_len, num_regions) plus `image_id` and `text` string columns (fault_drill.log_ids).
+    The training worker masks them per step (`CaptionTensorizer.mask_batch`)."""
+    records = to_records(batch)
+    prepared = tensorizer.prepare_batch([r.texts[0] for r in records], [r.od_labels for r in records], [r.features for r in records])
+    prepared["image_id"] = np.array([r.image_id for r in records], dtype=str)
+    prepared["text"] = np.array([r.texts[0] for r in records], dtype=str)
+    return prepared

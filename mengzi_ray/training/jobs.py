@@ -35,6 +35,8 @@ from mengzi_ray.training.tasks import task_for
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt")
+PREPARE_ROWS = 64
+"""Joined rows per call of a task's upstream example builder (a few micro-batches: its output streams early)."""
 
 
 def run_dir_uri(storage_path: str, name: str) -> str:
@@ -113,13 +115,18 @@ def build_trainer(
     storage_root = storage_path or card.run.storage_path
     run_dir = run_dir_uri(storage_root, name)
     init_dir, from_bert = prepare_init(card, run_dir)
-    task_cls = type(task_for(card, load_tokenizer(storage.download_dir(init_dir))))
+    task = task_for(card, load_tokenizer(storage.download_dir(init_dir)))
     train_texts = read_text_table(card.data.text, card.data.train_split, card.data.kind)
     val_texts = read_text_table(card.data.text, card.data.val_split, card.data.kind)
+    train = joined_dataset(card.data.features, train_texts, per_image=task.per_image_train).randomize_block_order(
+        seed=card.optim.seed
+    )
+    upstream = task.upstream()
+    if upstream is not None:  # after the block-order barrier, so example building streams alongside training
+        build, kwargs = upstream
+        train = train.map_batches(build, batch_size=PREPARE_ROWS, batch_format="pyarrow", zero_copy_batch=True, fn_kwargs=kwargs)
     datasets = {
-        "train": joined_dataset(card.data.features, train_texts, per_image=task_cls.per_image_train).randomize_block_order(
-            seed=card.optim.seed
-        ),
+        "train": train,
         "val": joined_dataset(card.data.features, val_texts, per_image=True, limit=card.data.max_val_images),
     }
     fs_root = storage_root if storage.is_remote(storage_root) else str(Path(storage_root).resolve())

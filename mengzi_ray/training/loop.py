@@ -2,7 +2,9 @@
 
 Per optimizer step: `accumulation` micro-batches of `per_worker_batch_size` rows from this worker's shard
 (DDP gradient sync only on the last), then clip, AdamW step and the warmup-linear scheduler; precision, fused AdamW,
-gradient checkpointing and torch.compile come from the card's optim section (training/step.py).
+gradient checkpointing and torch.compile come from the card's optim section (training/step.py). A task with an
+upstream stage (Task.upstream: captioning) gets ready numpy columns and only masks them per step (`step_batch`);
+the others tensorise joined records in the worker (`make_batch`).
 Every `validation.every_steps` steps (and at the end) rank 0 validates and every rank calls `ray.train.report`
 (a barrier); every `checkpoint_every` steps rank 0 attaches a full-state checkpoint:
 
@@ -69,12 +71,21 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+Micro = list[ImageRecord] | dict[str, np.ndarray]
+"""One micro-batch as the loop gets it: joined rows as records, or a task's upstream columns (numpy, leading axis)."""
+
+PREFETCH_BATCHES = 4
+"""Micro-batches Ray Data fetches ahead of the one being trained on (formatted in a background thread)."""
+
+
 def micro_batches(
     shard: Any, batch_size: int, shuffle_buffer: int, position: DataPosition, cache: bool = False,
-    *, seed: int = 0, rank: int = 0,
-) -> Iterator[list[ImageRecord]]:
-    """Endless micro-batches of joined rows, epoch after epoch; `position` is updated as batches are taken, and
-    a non-zero `position.batches` at the start skips that many raw batches of the resumed epoch (not converted).
+    *, seed: int = 0, rank: int = 0, prepared: bool = False,
+) -> Iterator[Micro]:
+    """Endless micro-batches, epoch after epoch; `position` is updated as batches are taken, and a non-zero
+    `position.batches` at the start skips that many raw batches of the resumed epoch (not converted).
+    Without `prepared` the shard holds joined rows, delivered as ImageRecords (`to_records`); with it the shard
+    holds the columns of the task's upstream stage (Task.upstream), delivered as numpy arrays as they come.
     The local shuffle is seeded by (seed, epoch, rank) and the train dataset's block order by the seed
     (jobs.build_trainer, which also keeps Ray Data's output order), so the skipped batches are the ones the
     interrupted run consumed: exact for one worker; with several, Ray Data's streaming split hands blocks to
@@ -87,28 +98,28 @@ def micro_batches(
     datasets, where a pipeline execution per epoch would cost more than the epoch). A run resumed in a later
     epoch first re-reads epoch 0 into the cache without yielding it, so its permutation is the interrupted one."""
     skip = position.batches
-    rows_cache: list[ImageRecord] = []
+    convert = (lambda raw: raw) if prepared else (lambda raw: to_records(raw))  # to_records looked up per call
+    stored: Micro | None = None  # epoch 0's rows, once cached
     while True:
-        filling = cache and not rows_cache
+        filling = cache and stored is None
+        parts: list[Micro] = []
         if filling and position.epoch > 0:  # resumed past epoch 0: rebuild epoch 0's cache, then permute it
-            rows_cache = [r for raw in _stream(shard, batch_size, shuffle_buffer, seed, 0, rank) for r in to_records(raw)]
+            stored = _concat([convert(raw) for raw in _stream(shard, batch_size, shuffle_buffer, seed, 0, rank, prepared)])
             filling = False
-        if rows_cache:
-            order = np.random.default_rng(shuffle_seed(seed, position.epoch, rank)).permutation(len(rows_cache))
-            epoch: Iterator[Any] = (
-                [rows_cache[i] for i in order[s : s + batch_size]] for s in range(0, len(order) - batch_size + 1, batch_size)
-            )
+        if stored is not None:
+            order = np.random.default_rng(shuffle_seed(seed, position.epoch, rank)).permutation(_length(stored))
+            epoch: Iterator[Any] = (_take(stored, order[s : s + batch_size]) for s in range(0, len(order) - batch_size + 1, batch_size))
         else:
-            epoch = _stream(shard, batch_size, shuffle_buffer, seed, position.epoch, rank)
+            epoch = _stream(shard, batch_size, shuffle_buffer, seed, position.epoch, rank, prepared)
         taken = 0
         for raw in epoch:
             taken += 1
             if skip and not filling:
                 skip -= 1
                 continue
-            rows = raw if isinstance(raw, list) else to_records(raw)
+            rows = raw if stored is not None else convert(raw)
             if filling:
-                rows_cache.extend(rows)
+                parts.append(rows)
             if skip:
                 skip -= 1
                 continue
@@ -117,14 +128,35 @@ def micro_batches(
         if not taken:  # every epoch would be empty: fail instead of spinning forever
             raise ValueError(f"this worker's shard has fewer rows than one micro-batch ({batch_size}): lower "
                              f"batch.per_worker_batch_size or scaling.num_workers, or add data")
+        if filling:
+            stored = _concat(parts)
         position.epoch += 1
         position.batches = 0
 
 
-def _stream(shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int) -> Iterator[Any]:
-    """One epoch of raw Arrow micro-batches from the Ray Data shard, locally shuffled by (seed, epoch, rank)."""
+def _length(rows: Micro) -> int:
+    return len(rows) if isinstance(rows, list) else len(next(iter(rows.values())))
+
+
+def _concat(parts: list[Micro]) -> Micro:
+    """One epoch's micro-batches as one store (records listed, or each column concatenated)."""
+    if not parts or isinstance(parts[0], list):
+        return [r for part in parts for r in part]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _take(rows: Micro, index: np.ndarray) -> Micro:
+    return [rows[i] for i in index] if isinstance(rows, list) else {k: v[index] for k, v in rows.items()}
+
+
+def _stream(
+    shard: Any, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int, prepared: bool = False
+) -> Iterator[Any]:
+    """One epoch of raw micro-batches from the Ray Data shard (Arrow tables, or numpy columns when `prepared`),
+    locally shuffled by (seed, epoch, rank), PREFETCH_BATCHES ahead."""
     return shard.iter_batches(
-        batch_size=batch_size, batch_format="pyarrow", drop_last=True, local_shuffle_buffer_size=shuffle_buffer,
+        batch_size=batch_size, batch_format="numpy" if prepared else "pyarrow", drop_last=True,
+        prefetch_batches=PREFETCH_BATCHES, local_shuffle_buffer_size=shuffle_buffer,
         local_shuffle_seed=shuffle_seed(seed, epoch, rank) if shuffle_buffer else None,
     )
 
@@ -163,9 +195,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     val_rows = [r for b in val_shard.iter_batches(batch_format="pyarrow") for r in to_records(b)] if rank == 0 else []
 
+    prepared = task.upstream() is not None  # jobs.build_trainer applied the task's upstream stage to "train"
     batches = micro_batches(
         train_shard, card.batch.per_worker_batch_size, card.data.shuffle_buffer, state.position,
-        card.data.cache_in_workers, seed=card.optim.seed, rank=rank,
+        card.data.cache_in_workers, seed=card.optim.seed, rank=rank, prepared=prepared,
     )
     pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
     accumulation = card.accumulation_steps
@@ -179,8 +212,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows = next(batches)
             if card.fault_drill and card.fault_drill.log_ids:
                 _log_ids(config["run_dir"], rank, state, rows)
-            pool.add(rows)
-            batch = {k: torch.as_tensor(v).to(device) for k, v in task.make_batch(rows, rng, pool).items()}
+            if isinstance(rows, dict):
+                arrays = task.step_batch(rows, rng)
+            else:
+                pool.add(rows)
+                arrays = task.make_batch(rows, rng, pool)
+            batch = {k: torch.as_tensor(v).to(device) for k, v in arrays.items()}
             sync = model.no_sync() if model is not core and i < accumulation - 1 else contextlib.nullcontext()
             with sync:
                 with step.autocast():
@@ -292,7 +329,7 @@ def _restore(
     return LoopState(step, DataPosition(int(saved["epoch"]), int(saved["batches_in_epoch"])), history)
 
 
-def _log_ids(run_dir: str, rank: int, state: LoopState, rows: list[ImageRecord]) -> None:
+def _log_ids(run_dir: str, rank: int, state: LoopState, rows: Micro) -> None:
     """fault_drill.log_ids: append one JSON line per micro-batch (the optimizer step it feeds, its epoch, this
     process's pid, the rows' image ids and texts) to <run_dir>/step_ids/rank<r>.jsonl, a local file (the card
     refuses remote run dirs); opened per line so a killed worker leaves every line it took whole."""
@@ -300,7 +337,8 @@ def _log_ids(run_dir: str, rank: int, state: LoopState, rows: list[ImageRecord])
     path.parent.mkdir(parents=True, exist_ok=True)
     line = {
         "step": state.step + 1, "epoch": state.position.epoch, "pid": os.getpid(),
-        "examples": [[r.image_id, r.texts] for r in rows],
+        "examples": ([[r.image_id, r.texts] for r in rows] if isinstance(rows, list)
+                     else [[i, [t]] for i, t in zip(rows["image_id"].tolist(), rows["text"].tolist())]),
     }
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -44,6 +44,10 @@ class ScstTask(CaptionTask):
             refs.setdefault(row["image_id"], []).append(tokenize_for_metrics(row["text"], "char"))
         return CiderD.from_references(refs)
 
+    def upstream(self) -> None:
+        """No upstream stage: `make_batch` keeps the references of its rows for the next `loss` call."""
+        return None
+
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """Test-layout inputs per image; the references wait for the matching `loss` call (called in pairs)."""
         self._refs = [[tokenize_for_metrics(t, "char") for t in r.texts] for r in rows]

@@ -5,7 +5,11 @@ Negatives in a streaming setting (pretraining pollution, retrieval negatives): e
 a ring buffer of the last `capacity` rows its shard delivered (the current batch included). The shard is a
 uniform shuffle of the corpus (block order randomised per epoch plus a local shuffle buffer), so a uniform draw
 from the pool is a draw of a random corpus document, as the original's `random.randint(0, len(dataset))`; like
-the original, a draw that hits the same image is retried (up to 10 times). The dice that decides *whether* to
+the original, a draw that hits the same image is retried (up to 10 times).
+
+Captioning builds its examples upstream of the trainer (`upstream`: a Ray Data map stage of tokens, segments,
+padded regions and lengths) and only masks per step (`step_batch`, vectorised); pretraining, retrieval and SCST
+tensorise joined rows in the worker (`make_batch`). The dice that decides *whether* to
 pollute is per example and unchanged (`data.pretraining.pollute`: u > 0.5 matched, u > texta_false_prob swap
 text_b, else swap text_a), so the 0.5 / 0.25 / 0.25 split of the original holds exactly; only the population
 negatives come from is the recent part of the stream rather than the whole corpus.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,7 @@ from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarFo
 from mengzi_ray.inference import Captioner, MatchScorer, collate
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
 from mengzi_ray.training.dual_objective import DualEncoderObjective
+from mengzi_ray.training.examples import prepare_caption_batch
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
 Batch = dict[str, np.ndarray]
@@ -91,6 +96,17 @@ class Task(ABC):
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         """Tensorise joined rows (numpy arrays with a leading batch axis); `pool` already holds `rows`."""
 
+    def upstream(self) -> tuple[Callable[..., Batch], dict[str, Any]] | None:
+        """(function, fn_kwargs) of a Ray Data map stage that builds the deterministic part of the train examples
+        from joined Arrow batches (jobs.build_trainer applies it), or None: the worker calls `make_batch` on
+        joined rows. With a stage, the worker calls `step_batch` on its output instead."""
+        return None
+
+    def step_batch(self, prepared: Batch, rng: np.random.Generator) -> Batch:
+        """The model's batch from one micro-batch of the `upstream` stage's columns (what must stay per step,
+        e.g. random masking, vectorised over the batch); same examples as `make_batch` on the same rows and rng."""
+        raise NotImplementedError(f"{type(self).__name__} has no upstream stage")
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
@@ -136,6 +152,12 @@ class CaptionTask(Task):
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
         return _stack([self.train_tz.train_example(r.texts[0], r.od_labels, r.features, rng) for r in rows])
+
+    def upstream(self) -> tuple[Callable[..., Batch], dict[str, Any]] | None:
+        return prepare_caption_batch, {"tensorizer": self.train_tz}
+
+    def step_batch(self, prepared: Batch, rng: np.random.Generator) -> Batch:
+        return self.train_tz.mask_batch(prepared, rng)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return caption_loss(model, batch)
