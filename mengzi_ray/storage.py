@@ -35,6 +35,12 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return str(uri).startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """`uri` with a local path made absolute against this process's working directory (s3:// unchanged): what a
+    driver hands to Ray workers, whose working directory is not the driver's (Ray Train moves it)."""
+    return uri if is_remote(uri) else str(Path(uri).resolve())
+
+
 def _s3_endpoint() -> tuple[str, str] | None:
     """(scheme, host[:port]) of AWS_ENDPOINT_URL(_S3); a value without a scheme (`minio:9000`) means https."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")

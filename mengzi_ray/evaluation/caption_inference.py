@@ -17,6 +17,10 @@ from mengzi_ray.evaluation.references import PREDICTION_SCHEMA
 from mengzi_ray.features.layout import region_arrays_of
 from mengzi_ray.inference import Captioner
 
+CALLS_PER_TASK = 4
+"""`generate` calls of `batch_size` images per Ray Data task: a task's fixed cost (scheduling, the block's trip
+to the actor and back) is paid once per this many model batches."""
+
 
 class CaptionPredictor:
     """A Ray Data model actor: a pyarrow batch of feature rows (image_id, features, tags) → predictions.
@@ -24,7 +28,7 @@ class CaptionPredictor:
     Args:
         model_dir: captioning model dir (local or s3://).
         num_beams: beam width; max_gen_length: caption budget incl. [CLS]/[SEP].
-        batch_size: images per ``generate`` call inside the actor.
+        batch_size: images per ``generate`` call inside the actor (a task brings CALLS_PER_TASK of them).
         use_gpu: put the model on ``cuda`` (the actor must have been given a GPU).
         config_overrides: layout values for a dir that records none (the evaluate card's model_layout).
     """
@@ -86,7 +90,8 @@ def predict_captions(
             "config_overrides": config_overrides,
         },
         compute=ActorPoolStrategy(min_size=num_actors, max_size=num_actors),
-        batch_size=batch_size,
+        # a multiple of batch_size: the model batches are the same images as in-process, whatever the task size
+        batch_size=batch_size * CALLS_PER_TASK,
         batch_format="pyarrow",
         # Setting both num_cpus and num_gpus is "experimental" in Ray Data: a GPU actor asks for GPUs only.
         **({"num_gpus": num_gpus_per_actor} if num_gpus_per_actor > 0 else {"num_cpus": num_cpus_per_actor}),

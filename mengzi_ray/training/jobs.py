@@ -64,9 +64,9 @@ def prepare_init(card: TrainCard, run_dir: str) -> tuple[str, bool]:
     """(model dir the workers start from, whether it is a BERT dir). Tiny cards get `<run>/init` written once
     (random init seeded by model.tiny.seed, vocab from the train texts and tags), so a resumed run reuses it."""
     if card.model.init_from:
-        return card.model.init_from, False
+        return storage.absolute(card.model.init_from), False
     if card.model.from_bert:
-        return card.model.from_bert, True
+        return storage.absolute(card.model.from_bert), True
     init_uri = f"{run_dir}/init"
     fs, path = storage.filesystem_for(f"{init_uri}/{storage.COMPLETE_MARKER}")
     if fs.get_file_info(path).type.name != "NotFound":
@@ -112,8 +112,8 @@ def build_trainer(
 
     check_inputs(card)
     name = run_name or card.run.name
-    storage_root = storage_path or card.run.storage_path
-    run_dir = run_dir_uri(storage_root, name)
+    fs_root = storage.absolute(storage_path or card.run.storage_path)
+    run_dir = run_dir_uri(fs_root, name)
     init_dir, from_bert = prepare_init(card, run_dir)
     task = task_for(card, load_tokenizer(storage.download_dir(init_dir)))
     train_texts = read_text_table(card.data.text, card.data.train_split, card.data.kind)
@@ -129,7 +129,6 @@ def build_trainer(
         "train": train,
         "val": joined_dataset(card.data.features, val_texts, per_image=True, limit=card.data.max_val_images),
     }
-    fs_root = storage_root if storage.is_remote(storage_root) else str(Path(storage_root).resolve())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"card": card, "init_dir": init_dir, "from_bert": from_bert, "run_dir": run_dir},

@@ -132,3 +132,15 @@ def test_sampling_is_differentiable_and_greedy_at_low_temperature(data: Path, tm
                   od_labels_start_posid=model.config.max_seq_a_length)
     greedy = model.generate(*inputs, num_beams=1, max_length=22).sequences[:, 0]
     assert torch.equal(cold.sequences, greedy)
+
+
+def test_prepare_init_hands_workers_an_absolute_local_dir(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train moves a worker's working directory, so a relative `model.init_from` must reach it resolved."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "ce").mkdir(parents=True)
+    card = load_card(CaptionCard, JOBS / "caption_tiny.yaml", [f"data.features={data}/features", f"data.text={data}/text.jsonl",
+                                                               "model.tiny=null", "model.init_from=models/ce"])
+    init_dir, from_bert = prepare_init(card, str(tmp_path / "run"))
+    assert (init_dir, from_bert) == (str(tmp_path / "models" / "ce"), False)
+    remote = load_card(CaptionCard, JOBS / "caption_tiny.yaml", ["model.tiny=null", "model.init_from=s3://bucket/ce"])
+    assert prepare_init(remote, "s3://bucket/run") == ("s3://bucket/ce", False)
