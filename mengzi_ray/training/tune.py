@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from mengzi_ray.config import Card, ConfigError, JobFailed
-from mengzi_ray.storage import download_dir, filesystem_for, is_remote, write_json
+from mengzi_ray.storage import absolute, download_dir, filesystem_for, is_remote, write_json
 from mengzi_ray.training.tune_card import (
     SWEPT_FIELDS,
     SearchSection,
@@ -55,9 +54,7 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 
 def sweep_uri(card: TuneCard, *parts: str) -> str:
     """`<run.storage_path>/<run.name>/<parts>`; a local storage path is made absolute (trials run elsewhere)."""
-    root = card.run.storage_path
-    root = root.rstrip("/") if is_remote(root) else str(Path(root).resolve())
-    return "/".join([root, card.run.name, *parts])
+    return "/".join([absolute(card.run.storage_path).rstrip("/"), card.run.name, *parts])
 
 
 def run_trial(
