@@ -1,1 +1,2 @@
-"""Model inputs built exactly as the original does (docs/oscar-formats.md §2.6, §3): pure functions, numpy out, no Ray."""
+"""Model inputs built exactly as the original does (microsoft/Oscar `oscar/datasets/oscar_tsv.py`,
+`oscar/run_captioning.py`, `oscar/run_retrieval.py`): pure functions, numpy out, no Ray."""

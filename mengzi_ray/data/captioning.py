@@ -1,4 +1,5 @@
-"""Captioning inputs (docs/oscar-formats.md §3.1): "seq2seq by masking" train layout and the [MASK]-prompt test layout.
+"""Captioning inputs (microsoft/Oscar `oscar/run_captioning.py` `CaptionTensorizer`): "seq2seq by masking" train
+layout and the [MASK]-prompt test layout.
 
 Text layout, A = caption budget (max_seq_a_length), L = text length (max_seq_length), R = regions:
     [CLS] caption… [SEP] [PAD]… (up to A) │ tags… [SEP] (segment 1) │ [PAD]… (up to L) ‖ R region rows

@@ -1,4 +1,5 @@
-"""Oscar+ pretraining inputs (docs/oscar-formats.md §2.6): text_a/text_b pollution with 2-/3-way labels and BERT MLM.
+"""Oscar+ pretraining inputs (microsoft/Oscar `oscar/datasets/oscar_tsv.py`): text_a/text_b pollution with 2-/3-way
+labels and BERT MLM.
 
 Layout: [CLS] text_a [SEP] text_b [SEP] (segments 0…0 1…1), zero-padded to max_seq_length, then regions.
 `text_b` is the corpus row's own text_b when it has one (imported Oscar+ corpus: the translated tags, or the QA

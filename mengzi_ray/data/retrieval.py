@@ -1,4 +1,5 @@
-"""Retrieval inputs (docs/oscar-formats.md §3.2, §5): caption ‖ tags ‖ regions, a positive and a sampled negative.
+"""Retrieval inputs (microsoft/Oscar `oscar/run_retrieval.py` `RetrievalDataset`,
+`compute_ranks`): caption ‖ tags ‖ regions, a positive and a sampled negative.
 
 Text: [CLS] caption [SEP] (segment 0) + tags [SEP] (segment 1), padded to L. Attention-mask types: `CLR` (1-D:
 every real token and region attends everything real) or `CL` / `CR` / `LR` (2-D: full attention inside the

@@ -1,4 +1,5 @@
-"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on Chinese captions, offline (docs/oscar-formats.md §6).
+"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on Chinese captions, offline (microsoft/Oscar
+`oscar/utils/caption_evaluate.py`).
 
 The pycocoevalcap scorers are fed pre-tokenised text directly, bypassing PTBTokenizer (stack.md §5), so the
 tokenisation is ours and every result names it:

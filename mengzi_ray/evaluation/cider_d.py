@@ -1,4 +1,4 @@
-"""CIDEr-D, the SCST reward (Vedantam et al. 2015; docs/oscar-formats.md §4.4).
+"""CIDEr-D, the SCST reward (Vedantam et al. 2015; microsoft/Oscar `oscar/run_captioning.py` `scst_train_iter`).
 
 Definition implemented here, per candidate ``c`` with references ``S`` (all texts already space-tokenised; n-grams
 are taken over ``text.split()``, so Chinese must arrive as space-separated characters or words):

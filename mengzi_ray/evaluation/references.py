@@ -1,9 +1,10 @@
 """Reference captions and prediction files for evaluation, with input checks that count what is wrong.
 
 References come from our text jsonl (docs/data-contracts.md §3: image_id, text, kind, split) or a COCO captions json
-(``annotations`` with ``image_id`` and ``caption``; docs/oscar-formats.md §1.5). Predictions come from our Parquet
-(image_id, caption, score) or the original's ``pred.*.tsv`` (``key \\t [{"caption", "conf"}, ...]``, first entry).
-Every image id is a string. Called by the evaluate job (:mod:`mengzi_ray.evaluation.jobs`).
+(``annotations`` with ``image_id`` and ``caption``; microsoft/Oscar `oscar/run_captioning.py` `CaptionTSVDataset`).
+Predictions come from our Parquet (image_id, caption, score) or the original's ``pred.*.tsv`` (``key \\t [{"caption",
+"conf"}, ...]``, first entry). Every image id is a string. Called by the evaluate job
+(:mod:`mengzi_ray.evaluation.jobs`).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def pred_tsv_name(data_name: str, split: str, num_beams: int, max_gen_length: in
 
 
 def write_pred_tsv(table: pa.Table, path: str | Path) -> Path:
-    """One line per image: ``image_id \\t [{"caption": str, "conf": score}]`` (docs/oscar-formats.md §1.5)."""
+    """One line per image: ``image_id \\t [{"caption": str, "conf": score}]`` (microsoft/Oscar
+    `oscar/run_captioning.py` `CaptionTSVDataset`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

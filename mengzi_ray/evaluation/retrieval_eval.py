@@ -1,8 +1,8 @@
 """Retrieval evaluation at scale: every (image, caption) pair scored by the match classifier on a Ray Data actor pool.
 
-The pair space follows Oscar's ``--cross_image_eval`` (docs/oscar-formats.md §5): with N images and T = N·k texts, pair
-``p`` is image ``p // T`` with text ``p % T``, so the flat score vector reshapes to (N, T). The re-rank mode scores
-listed (image, text) pairs instead (:class:`ListedPairs`).
+The pair space follows Oscar's ``--cross_image_eval`` (microsoft/Oscar `oscar/run_retrieval.py` `compute_ranks`): with
+N images and T = N·k texts, pair ``p`` is image ``p // T`` with text ``p % T``, so the flat score vector reshapes to
+(N, T). The re-rank mode scores listed (image, text) pairs instead (:class:`ListedPairs`).
 
 Determinism: the pair range is cut into chunks of ``chunk_size`` pairs, a multiple of ``batch_size``; an actor
 scores a chunk in ``batch_size`` slices aligned to the global pair index, so every pair sits in the same batch, at

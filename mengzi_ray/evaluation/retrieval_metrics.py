@@ -1,4 +1,5 @@
-"""Retrieval ranks and Recall@K, exactly as Oscar's ``compute_ranks`` (docs/oscar-formats.md §5).
+"""Retrieval ranks and Recall@K, exactly as Oscar's ``compute_ranks`` (microsoft/Oscar `oscar/run_retrieval.py`
+`compute_ranks`).
 
 Two evaluation modes:
 

@@ -50,7 +50,7 @@ ERRORS_SCHEMA = pa.schema(
 def box_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Oscar's 6 box numbers per region: [x1/W, y1/H, x2/W, y2/H, (x2-x1)/W, (y2-y1)/H].
 
-    boxes: (N, 4) x1,y1,x2,y2 in original-image pixels. Returns (N, 6) float32 (docs/oscar-formats.md §1.3).
+    boxes: (N, 4) x1,y1,x2,y2 in original-image pixels. Returns (N, 6) float32 (microsoft/Oscar issues #10, #33).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got width={width} height={height}")

@@ -1,8 +1,8 @@
 """OscarConfig: BERT's configuration plus the image and task fields of the original Oscar config.json.
 
-The JSON layout is the original's (pytorch_transformers BertConfig + Oscar keys, docs/oscar-formats.md §2.1), so a
-released Oscar / Mengzi-Oscar config.json loads unchanged and ours loads in the original code. Keys we do not
-model are kept in `extra` and written back, never dropped.
+The JSON layout is the original's (pytorch_transformers BertConfig + Oscar keys, microsoft/Oscar
+`oscar/modeling/modeling_bert.py`), so a released Oscar / Mengzi-Oscar config.json loads unchanged and ours loads in
+the original code. Keys we do not model are kept in `extra` and written back, never dropped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Caption decoding with the original Oscar semantics (docs/oscar-formats.md §4): greedy and beam search, batched.
+"""Caption decoding with the original Oscar semantics (microsoft/Oscar `oscar/modeling/modeling_bert.py`
+`BertForImageCaptioning.generate`): greedy and beam search, batched.
 
 Input is the captioning *test* layout: `input_ids` (B, G + Lb) = [CLS] [MASK]… [SEP] [PAD]… (G caption slots)
 followed by Lb od-label slots; `attention_mask` (B, N, N) with N = G + Lb + R; `token_type_ids` (B, G + Lb);
@@ -282,7 +283,8 @@ def sample(
     temperature: float = 1.0,
     od_labels_start_posid: int = 40,
 ) -> GenerationOutput:
-    """`num_samples` multinomial captions per image (SCST, docs/oscar-formats.md §4.4), same layout as `generate`.
+    """`num_samples` multinomial captions per image (SCST, microsoft/Oscar `oscar/run_captioning.py`
+    `scst_train_iter`), same layout as `generate`.
 
     Not under no_grad: `scores` (B * num_samples,) is the mean token log-prob of each sample (EOS included) under
     softmax(logits / temperature), differentiable w.r.t. the model; `sequences` is (B * num_samples, G), the

@@ -1,4 +1,4 @@
-"""The three Oscar task models on top of OscarModel (docs/oscar-formats.md §2.4–2.6).
+"""The three Oscar task models on top of OscarModel (microsoft/Oscar `oscar/modeling/modeling_bert.py`).
 
 All take the original tensor names as keyword arguments (`input_ids, attention_mask, token_type_ids,
 img_feats`, plus the task's labels) and return a `TaskOutput` with `.loss` (when labels are given) and `.logits`.

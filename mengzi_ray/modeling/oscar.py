@@ -1,4 +1,5 @@
-"""OscarModel: BERT over `[text ; regions]` (docs/oscar-formats.md §2.2), with an optional key/value cache.
+"""OscarModel: BERT over `[text ; regions]` (microsoft/Oscar `oscar/modeling/modeling_bert.py` `BertImgModel`), with
+an optional key/value cache.
 
 Text goes through the BERT embeddings (word + position + token type, LayerNorm, dropout). Each region's
 2054-d vector goes through Linear(img_feature_dim → hidden) [+ LayerNorm] + dropout, with no position or

@@ -192,7 +192,8 @@ class TrainCard(Card):
 
 
 class CaptionSection(Section):
-    """Captioning layout and loss (docs/oscar-formats.md §3.1, §2.5, §7)."""
+    """Captioning layout and loss (microsoft/Oscar `oscar/run_captioning.py` `CaptionTensorizer`,
+    `oscar/modeling/modeling_bert.py` `BertForImageCaptioning`; Oscar/VinVL and Langboat/Mengzi READMEs)."""
 
     max_seq_a_length: int = Field(40, ge=3)
     max_seq_length: int = Field(70, ge=3)
@@ -216,7 +217,8 @@ class CaptionSection(Section):
 
 
 class ScstSection(Section):
-    """Self-critical sequence training (docs/oscar-formats.md §4.4): k sampled captions per image, greedy baseline."""
+    """Self-critical sequence training (microsoft/Oscar `oscar/run_captioning.py` `scst_train_iter`): k sampled
+    captions per image, greedy baseline."""
 
     sample_n: int = Field(5, ge=1)
     baseline: Literal["greedy"] = "greedy"
@@ -250,7 +252,7 @@ class DualEncoderSection(Section):
 
 
 class RetrievalSection(Section):
-    """Retrieval layout (docs/oscar-formats.md §3.2, §5)."""
+    """Retrieval layout (microsoft/Oscar `oscar/run_retrieval.py` `RetrievalDataset`, `compute_ranks`)."""
 
     max_seq_length: int = Field(70, ge=3)
     max_img_seq_length: int = Field(50, ge=1)
@@ -271,7 +273,7 @@ class RetrievalCard(TrainCard):
 
 
 class PretrainSection(Section):
-    """Oscar+ pretraining layout (docs/oscar-formats.md §2.6)."""
+    """Oscar+ pretraining layout (microsoft/Oscar `oscar/datasets/oscar_tsv.py`)."""
 
     max_seq_length: int = Field(35, ge=4)
     max_img_seq_length: int = Field(50, ge=1)

@@ -1,4 +1,4 @@
-"""AdamW with the original no-decay groups and the warmup-linear schedule (docs/oscar-formats.md §7)."""
+"""AdamW with the original no-decay groups and the warmup-linear schedule (Oscar/VinVL and Langboat/Mengzi READMEs)."""
 
 from __future__ import annotations
 

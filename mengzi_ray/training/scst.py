@@ -1,4 +1,5 @@
-"""Self-critical sequence training for captioning (docs/oscar-formats.md §4.4), as a task of the common train loop.
+"""Self-critical sequence training for captioning (microsoft/Oscar `oscar/run_captioning.py` `scst_train_iter`), as a
+task of the common train loop.
 
 Per image (rows carry all reference captions of one image, in the test layout): an eval-mode greedy caption is
 the baseline; `scst.sample_n` train-mode multinomial samples are scored with CIDEr-D against the references;

@@ -13,7 +13,8 @@ from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarFo
 from tests.conftest import tiny_config
 from tests.unit.test_modeling_forward import batch
 
-# docs/oscar-formats.md §2.3, written out by hand for a 1-layer model with image LayerNorm.
+# microsoft/Oscar `oscar/modeling/modeling_bert.py` `BertImgModel`, written out by hand for a 1-layer model with image
+# LayerNorm.
 ORIGINAL_TRUNK_KEYS = {
     "bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
     "bert.embeddings.token_type_embeddings.weight", "bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias",

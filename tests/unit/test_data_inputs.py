@@ -1,4 +1,5 @@
-"""Example builders against layouts computed by hand from docs/oscar-formats.md §2.6 and §3."""
+"""Example builders against layouts computed by hand from microsoft/Oscar `oscar/datasets/oscar_tsv.py`,
+`oscar/run_captioning.py` and `oscar/run_retrieval.py`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Decoding: greedy and beam search checked against exhaustive enumeration on a tiny fixed model, and the
-key/value cache checked to give the same ids and scores as the uncached path (docs/oscar-formats.md §4)."""
+key/value cache checked to give the same ids and scores as the uncached path (microsoft/Oscar
+`oscar/modeling/modeling_bert.py` `BertForImageCaptioning.generate`)."""
 
 from __future__ import annotations
 

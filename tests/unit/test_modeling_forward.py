@@ -1,4 +1,5 @@
-"""OscarModel and heads against a reference written from the spec (docs/oscar-formats.md §2.2–2.6) with plain torch ops."""
+"""OscarModel and heads against a reference written from the spec (microsoft/Oscar `oscar/modeling/modeling_bert.py`)
+with plain torch ops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ranks and R@K on hand-made similarity grids (docs/oscar-formats.md §5)."""
+"""Ranks and R@K on hand-made similarity grids (microsoft/Oscar `oscar/run_retrieval.py` `compute_ranks`)."""
 
 from __future__ import annotations
 
