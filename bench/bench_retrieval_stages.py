@@ -4,7 +4,9 @@ On the synthetic query set (`write_synthetic_dataset(unique=True)`: every captio
 caption query has one right answer), in one process:
 
 1. trains tiny retrieval models from the same init and seed: without the `retrieval.dual_encoder` section ("plain"),
-   with it on the cross-encoder's trunk ("shared" tower) and with a trunk of its own ("separate" tower)
+   with it on the cross-encoder's trunk ("shared" tower), with a trunk of its own ("separate" tower), and with a
+   trunk of its own plus the cross-encoder trained on the dual encoder's hard negatives ("ranked":
+   `retrieval.dual_encoder.cross_rank_weight=1`)
    (in-process loop over the retrieval task's own batches and loss; no Ray), and reports the cross-encoder's own
    cross-image R@K of each on a held-out gallery (the dual section must not cost the cross-encoder ranking
    quality), plus the dual encoder's own R@K and the training time;
@@ -14,7 +16,8 @@ caption query has one right answer), in one process:
    `--queries` queries for steadier R@K.
 
     .venv/bin/python bench/bench_retrieval_stages.py [--gallery 10000] [--brute-queries 3] [--queries 100]
-        [--candidates 100] [--steps 300] [--variants plain shared separate] [--stage-model separate]
+        [--candidates 100] [--steps 300] [--variants plain shared separate ranked] [--stage-model separate]
+        [--set KEY=VALUE ...]
         [--model DIR]  (--model: a trained dir with a dual encoder; skips part 1)
 """
 
@@ -50,19 +53,22 @@ CARD = Path(__file__).resolve().parents[1] / "jobs" / "retrieval_tiny.yaml"
 log = logging.getLogger("bench_retrieval_stages")
 
 
-VARIANTS = ("plain", "shared", "separate")
+VARIANTS = ("plain", "shared", "separate", "ranked")
+TOWER = {"shared": "shared", "separate": "separate", "ranked": "separate"}
 
 
-def train(data: Path, work: Path, steps: int, variant: str, val_images: int) -> tuple[str, dict[str, float]]:
-    """Train the tiny card for `steps` steps in-process (batch 16, the card's lr and warmup) as `variant` (one of
-    VARIANTS); returns (model dir, validation metrics on the first `val_images` val images)."""
+def train(data: Path, work: Path, steps: int, variant: str, val_images: int, overrides: list[str]) -> tuple[str, dict[str, float]]:
+    """Train the tiny card for `steps` steps in-process (batch 16, the card's lr and warmup, then `overrides`) as
+    `variant` (one of VARIANTS); returns (model dir, validation metrics on the first `val_images` val images)."""
     dual = variant != "plain"
     card = load_card(RetrievalCard, CARD, [
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={work}",
         "retrieval.max_seq_length=40", f"retrieval.dual_encoder.enabled={str(dual).lower()}",
-        *([f"retrieval.dual_encoder.tower={variant}"] if dual else []),
+        *([f"retrieval.dual_encoder.tower={TOWER[variant]}"] if dual else []),
+        *(["retrieval.dual_encoder.cross_rank_weight=1.0"] if variant == "ranked" else []),
         "retrieval.dual_encoder.dim=64", "scaling.num_workers=1", "batch.global_batch_size=16",
         "batch.per_worker_batch_size=16", f"schedule.max_steps={steps}", f"optim.warmup_steps={min(10, steps)}",
+        *overrides,
     ])
     init_dir, _ = prepare_init(card, str(work / "init_run"))  # same vocab and init for both variants
     task = task_for(card, load_tokenizer(init_dir))
@@ -159,6 +165,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="part 1's models")
     parser.add_argument("--stage-model", choices=VARIANTS[1:], default="separate",
                         help="which trained variant part 2 compares the stages with")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="card overrides for every variant (e.g. retrieval.dual_encoder.hard_negatives=7)")
     parser.add_argument("--model", help="trained retrieval dir with a dual encoder (skips training)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
@@ -170,7 +178,7 @@ def main() -> int:
     model_dir = args.model
     if model_dir is None:
         data = write_synthetic_dataset(work / "train", num_train=args.train_images, num_val=args.val_images, seed=3, unique=True)
-        trained = {v: train(data.root, work / v, args.steps, v, args.val_images) for v in args.variants}
+        trained = {v: train(data.root, work / v, args.steps, v, args.val_images, args.set) for v in args.variants}
         results["training"] = {v: metrics for v, (_, metrics) in trained.items()}
         print(f"\ncross-encoder cross-image R@K on {args.val_images} held-out images after {args.steps} steps")
         keys = [f"val_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["val_rsum"]
@@ -196,7 +204,7 @@ def main() -> int:
                   f"{r['R@1']:.2f}", f"{r['R@5']:.2f}", f"{r['R@10']:.2f}", f"{r[f'R@10_first_{args.brute_queries}']:.2f}",
                   "-" if r["top10_overlap_with_brute"] is None else f"{r['top10_overlap_with_brute']:.2f}"] for r in rows])
     settings = {k: getattr(args, k) for k in ("gallery", "brute_queries", "queries", "candidates", "steps",
-                                               "train_images", "val_images")}
+                                               "train_images", "val_images", "set")}
     settings["model"] = args.model or f"tiny, trained in this run ({args.stage_model} tower for part 2)"
     print(f"\nwrote {write_results('bench_retrieval_stages', torch.device('cpu'), commit, settings, results)}")
     return 0

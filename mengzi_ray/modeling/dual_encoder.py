@@ -112,3 +112,16 @@ def distill_loss(
     p_teacher = teacher.softmax(dim=1)
     log_student = student.log_softmax(dim=1).masked_fill(~valid, 0.0)
     return (torch.xlogy(p_teacher, p_teacher) - p_teacher * log_student).sum(dim=1).mean()
+
+
+def match_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """The cross-encoder's (B, 2) logits → (B,) float32 log-odds of a match (monotone in its match score)."""
+    logits = logits.float()
+    return logits[:, 1] - logits[:, 0]
+
+
+def rank_loss(log_odds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Listwise CE that puts each caption's own image (column 0) first: mean over rows of −log softmax(log_odds)[0]
+    over the valid columns. log_odds, valid: (B, C)."""
+    masked = log_odds.float().masked_fill(~valid, float("-inf"))
+    return (torch.logsumexp(masked, dim=1) - masked[:, 0]).mean()

@@ -295,13 +295,17 @@ class OscarForRetrieval(OscarPreTrainedModel):
         image_embeds = self.embed_images(**image_side) if image_side is not None else None
         if labels is None:
             return TaskOutput(logits=logits, text_embeds=text_embeds, image_embeds=image_embeds)
+        return TaskOutput(logits=logits, loss=self.match_loss(logits, labels), text_embeds=text_embeds,
+                          image_embeds=image_embeds)
+
+    def match_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The original's classifier loss of logits (B, num_labels) against 0/1 labels (B,): MSE with one label,
+        else BCE (`loss_type` bce) or CE; a scalar."""
         if self.config.num_labels == 1:
-            loss = F.mse_loss(logits.float().view(-1), labels.float().view(-1))
-        elif self.config.loss_type == "bce":
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.config.num_labels
-        else:
-            loss = F.cross_entropy(logits.float(), labels.view(-1))
-        return TaskOutput(logits=logits, loss=loss, text_embeds=text_embeds, image_embeds=image_embeds)
+            return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
+        if self.config.loss_type == "bce":
+            return F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.config.num_labels
+        return F.cross_entropy(logits.float(), labels.view(-1))
 
     @staticmethod
     def match_score(logits: torch.Tensor) -> torch.Tensor:

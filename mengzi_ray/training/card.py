@@ -237,7 +237,8 @@ class CaptionCard(TrainCard):
 class DualEncoderSection(Section):
     """The dual-encoder first stage trained beside the cross-encoder (modeling/dual_encoder.py): per step, the
     cross-encoder loss + contrastive_weight × InfoNCE (both directions, negatives gathered from every worker)
-    + distill_weight × KL from the cross-encoder's softmax over [positive, hard negatives] to the dual encoder's."""
+    + distill_weight × KL from the cross-encoder's softmax over [positive, hard negatives] to the dual encoder's
+    + cross_rank_weight × the cross-encoder's own listwise CE over those same pairs."""
 
     enabled: bool = False
     dim: int = Field(256, ge=8, description="embedding size of both sides")
@@ -246,6 +247,9 @@ class DualEncoderSection(Section):
     distill_weight: float = Field(1.0, ge=0, description="0 turns distillation (and its teacher passes) off")
     hard_negatives: int = Field(3, ge=1, description="in-batch negatives per caption the cross-encoder scores")
     distill_temperature: float = Field(1.0, gt=0, description="temperature on the cross-encoder's match log-odds")
+    cross_rank_weight: float = Field(
+        0.0, ge=0, description="weight of a listwise loss that trains the cross-encoder itself on the dual encoder's "
+        "hard negatives (softmax CE over its match log-odds of [own image, hard negatives]); 0: Oscar's binary loss only")
     tower: Literal["shared", "separate"] = Field(
         "shared", description="shared: the heads read the cross-encoder's trunk (one model); separate: a trunk copy of "
         "their own (twice the weights; the dual losses never move the cross-encoder)")

@@ -5,11 +5,13 @@ text side (`text_side.*`), image side (`image_side.*`) and `dual_image_key` (an 
 captions of one image are not each other's negatives). The loss is
 
     cross-encoder CE + contrastive_weight · InfoNCE(gathered) + distill_weight · KL(cross-encoder ‖ dual)
+                     [+ cross_rank_weight · listwise CE of the cross-encoder over the same hard pairs]
 
 The teacher (the cross-encoder's match log-odds of each caption with its own image and its `hard_negatives`
 in-batch images the dual encoder currently ranks highest) runs on the unwrapped model without gradient before the
 training forward, so that the step's one DDP forward (cross-encoder + both sides) covers every gradient-carrying
-use of the trunk.
+use of the trunk. With `cross_rank_weight` > 0 the hard pairs are part of that forward instead (the cross-encoder
+learns from them), and the teacher is their log-odds from it, detached (train mode: dropout included).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.inference.embedder import embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
-from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives
+from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives, match_log_odds, rank_loss
 from mengzi_ray.inference import collate
 from mengzi_ray.training.card import DualEncoderSection
 
@@ -63,37 +65,69 @@ class DualEncoderObjective:
         keys = batch[KEY]
         cross = {k: v for k, v in batch.items() if not k.startswith((TEXT_PREFIX, IMAGE_PREFIX)) and k != KEY}
         s = self.section
-        teacher = self._teacher(core, text, image, keys) if s.distill_weight > 0 else None
-        out = model(**cross, text_side=text, image_side=image)
-        loss = out.loss + s.contrastive_weight * contrastive_loss(out.text_embeds, out.image_embeds, keys, s.temperature)
-        if teacher is not None:
+        teacher = None
+        if s.cross_rank_weight > 0:
+            # The hard pairs join the training forward: the cross-encoder learns to rank them, and their log-odds
+            # (detached) are the distillation teacher, so no separate teacher pass is needed.
+            candidates, valid = self._candidates(core, text, image, keys)
+            pairs = self._pairs(text, image, candidates, keys.device)
+            size = cross["labels"].shape[0]
+            labels = cross.pop("labels")
+            out = model(**{k: torch.cat([v, pairs[k]]) for k, v in cross.items()}, text_side=text, image_side=image)
+            odds = match_log_odds(out.logits[size:]).view(candidates.shape)
+            loss = core.match_loss(out.logits[:size], labels) + s.cross_rank_weight * rank_loss(odds, valid)
+            teacher = (candidates, valid, odds.detach())
+        else:
+            if s.distill_weight > 0:
+                teacher = self._teacher(core, text, image, keys)
+            out = model(**cross, text_side=text, image_side=image)
+            loss = out.loss
+        loss = loss + s.contrastive_weight * contrastive_loss(out.text_embeds, out.image_embeds, keys, s.temperature)
+        if teacher is not None and s.distill_weight > 0:
             candidates, valid, logits = teacher
             loss = loss + s.distill_weight * distill_loss(
                 out.text_embeds, out.image_embeds, candidates, valid, logits, s.temperature, s.distill_temperature)
         return loss
 
     @torch.no_grad()
-    def _teacher(
+    def _candidates(
         self, core: OscarForRetrieval, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], keys: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidates (B, 1+h): own image then hard negatives, valid (B, 1+h), cross-encoder log-odds (B, 1+h))."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidates (B, 1+h): each caption's own image then the in-batch images the dual encoder (eval mode)
+        ranks highest for it, valid (B, 1+h) bool)."""
         was_training = core.training
         core.eval()
         try:
             negatives, valid = hard_negatives(core.embed_texts(**text), core.embed_images(**image), keys, self.section.hard_negatives)
-            size = keys.shape[0]
-            candidates = torch.cat([torch.arange(size, device=keys.device)[:, None], negatives], dim=1)
-            valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-            text_np = {k: v.cpu().numpy() for k, v in text.items()}
-            image_np = {k: v.cpu().numpy() for k, v in image.items()}
-            examples = [
-                self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in image_np.items()})
-                for i, row in enumerate(candidates.tolist()) for j in row
-            ]
-            logits = core(**collate(examples, keys.device)).logits.float()
         finally:
             core.train(was_training)
-        return candidates, valid, (logits[:, 1] - logits[:, 0]).view(size, -1)
+        candidates = torch.cat([torch.arange(keys.shape[0], device=keys.device)[:, None], negatives], dim=1)
+        return candidates, torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+
+    def _pairs(
+        self, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], candidates: torch.Tensor, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The cross-encoder inputs of every (caption i, candidate image j), row-major over candidates (B·(1+h) rows)."""
+        text_np = {k: v.cpu().numpy() for k, v in text.items()}
+        image_np = {k: v.cpu().numpy() for k, v in image.items()}
+        return collate([
+            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in image_np.items()})
+            for i, row in enumerate(candidates.tolist()) for j in row
+        ], device)
+
+    @torch.no_grad()
+    def _teacher(
+        self, core: OscarForRetrieval, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidates (B, 1+h), valid (B, 1+h), the cross-encoder's log-odds (B, 1+h) in eval mode)."""
+        candidates, valid = self._candidates(core, text, image, keys)
+        was_training = core.training
+        core.eval()
+        try:
+            logits = core(**self._pairs(text, image, candidates, keys.device)).logits
+        finally:
+            core.train(was_training)
+        return candidates, valid, match_log_odds(logits).view(candidates.shape)
 
     @torch.no_grad()
     def validate(self, core: OscarForRetrieval, val_rows: Sequence[ImageRecord], captions_per_image: int) -> dict[str, float]:
