@@ -13,7 +13,9 @@ Gallery embeddings are computed once (the index job); a query costs one text-sid
 Training (the retrieval task with `retrieval.dual_encoder.enabled`): `contrastive_loss` is in-batch InfoNCE in
 both directions over embeddings all-gathered across the Ray Train workers (`gather_with_grad`: every worker's
 part as values, the local part with its gradient, as CLIP-style training does); `distill_loss` is the KL from the
-cross-encoder's softmax over [the positive, the hardest in-batch negatives] to the dual encoder's.
+cross-encoder's softmax over [the positive, the hardest negatives] to the dual encoder's (negatives from the
+batch, and with a negative bank from the worker's recent rows too: training/dual_objective.py); `rank_loss` is the
+cross-encoder's own listwise loss over the same pairs (card `cross_rank_weight`).
 
 Heads keys in model.safetensors: `dual.text_proj.{weight,bias}`, `dual.image_proj.{weight,bias}`, and with a
 separate tower its trunk under `dual_bert.*`; config.json records `dual_encoder_dim` (0 = no dual encoder),
@@ -86,11 +88,17 @@ def contrastive_loss(
     return (t2i + i2t) / 2
 
 
-def hard_negatives(text: torch.Tensor, image: torch.Tensor, image_keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each text i, the `count` in-batch images of other pictures most similar to it: (indices (B, count),
-    valid (B, count) bool; False where the batch holds fewer other pictures than `count`)."""
+def hard_negatives(
+    text: torch.Tensor, image: torch.Tensor, image_keys: torch.Tensor, count: int, text_keys: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each text i, the `count` images of other pictures most similar to it: (indices (B, count) into image,
+    valid (B, count) bool; False where image holds fewer other pictures than `count`).
+
+    text: (B, dim); image: (M, dim) with image_keys (M,); text_keys (B,) name each text's picture (default:
+    image_keys, i.e. text i belongs to image i)."""
+    text_keys = image_keys if text_keys is None else text_keys
     sims = (text @ image.T).float()
-    sims = sims.masked_fill(image_keys[:, None] == image_keys[None, :], float("-inf"))
+    sims = sims.masked_fill(text_keys[:, None] == image_keys[None, :], float("-inf"))
     count = min(count, sims.shape[1])
     values, indices = sims.topk(count, dim=1)
     return indices, torch.isfinite(values)

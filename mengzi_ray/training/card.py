@@ -245,8 +245,12 @@ class DualEncoderSection(Section):
     temperature: float = Field(0.05, gt=0, description="InfoNCE / student temperature")
     contrastive_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(1.0, ge=0, description="0 turns distillation (and its teacher passes) off")
-    hard_negatives: int = Field(3, ge=1, description="in-batch negatives per caption the cross-encoder scores")
+    hard_negatives: int = Field(3, ge=1, description="negatives per caption the cross-encoder scores (the dual encoder's nearest in the batch and the negative bank)")
     distill_temperature: float = Field(1.0, gt=0, description="temperature on the cross-encoder's match log-odds")
+    negative_bank: int = Field(
+        0, ge=0, description="image sides of the last N rows this worker trained on, kept with their embeddings, as "
+        "extra hard-negative candidates beside the batch (stale vectors, no gradient; host memory ≈ N × regions × "
+        "feature dim × 4 bytes); 0: in-batch only")
     cross_rank_weight: float = Field(
         0.0, ge=0, description="weight of a listwise loss that trains the cross-encoder itself on the dual encoder's "
         "hard negatives (softmax CE over its match log-odds of [own image, hard negatives]); 0: Oscar's binary loss only")

@@ -17,6 +17,7 @@ learns from them), and the teacher is their log-odds from it, detached (train mo
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,50 @@ def image_key(image_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+@dataclass(frozen=True)
+class Mined:
+    """One step's hard-negative candidates. index (B, 1+h): per caption its own image (column 0) then the hard
+    negatives, as rows of [the batch's B images, the bank's M images]; valid (B, 1+h) bool; sides: the image sides
+    of those B + M images (numpy); batch_vectors (B, dim) / bank_vectors (M, dim): their eval-mode embeddings."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    sides: dict[str, np.ndarray]
+    batch_vectors: torch.Tensor
+    bank_vectors: torch.Tensor
+
+
+class NegativeBank:
+    """A ring buffer of the image sides (numpy) of the last `capacity` rows a worker trained on, with their
+    eval-mode embeddings at the time (no gradient) and image keys: extra hard-negative candidates beside the batch
+    (card `retrieval.dual_encoder.negative_bank`). Not checkpointed: after a restart it refills within
+    capacity / B steps."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._next = 0
+        self.sides: dict[str, np.ndarray] = {}
+        self.vectors = torch.empty(0)
+        self.keys = torch.empty(0, dtype=torch.int64)
+
+    def add(self, sides: dict[str, np.ndarray], vectors: torch.Tensor, keys: torch.Tensor) -> None:
+        """Store a batch (sides (B, ...), vectors (B, dim), keys (B,)), overwriting the oldest rows when full."""
+        count = min(len(keys), self.capacity)
+        sides, vectors, keys = {k: v[-count:] for k, v in sides.items()}, vectors[-count:].detach().float(), keys[-count:]
+        if not self.sides:
+            self.sides = {k: np.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in sides.items()}
+            self.vectors = vectors.new_zeros((self.capacity, vectors.shape[1]))
+            self.keys = keys.new_zeros(self.capacity)
+        slots = (self._next + np.arange(count)) % self.capacity
+        for k, v in sides.items():
+            self.sides[k][slots] = v
+        self.vectors[torch.as_tensor(slots, device=vectors.device)] = vectors
+        self.keys[torch.as_tensor(slots, device=keys.device)] = keys
+        self._next = int((self._next + count) % self.capacity)
+        self.size = min(self.size + count, self.capacity)
+
+
 class DualEncoderObjective:
     """Batch arrays, loss and validation of the dual encoder; `tz` shares the cross-encoder's layout."""
 
@@ -47,6 +92,7 @@ class DualEncoderObjective:
         self.section = section
         self.tz = tz
         self.val_batch_size = val_batch_size
+        self.bank = NegativeBank(section.negative_bank) if section.negative_bank else None
 
     def batch_arrays(self, rows: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
         """The B rows' text sides (their first text), image sides and image keys, stacked."""
@@ -65,69 +111,75 @@ class DualEncoderObjective:
         keys = batch[KEY]
         cross = {k: v for k, v in batch.items() if not k.startswith((TEXT_PREFIX, IMAGE_PREFIX)) and k != KEY}
         s = self.section
+        mined = self._candidates(core, text, image, keys) if s.cross_rank_weight > 0 or s.distill_weight > 0 else None
         teacher = None
-        if s.cross_rank_weight > 0:
+        if mined is not None and s.cross_rank_weight > 0:
             # The hard pairs join the training forward: the cross-encoder learns to rank them, and their log-odds
             # (detached) are the distillation teacher, so no separate teacher pass is needed.
-            candidates, valid = self._candidates(core, text, image, keys)
-            pairs = self._pairs(text, image, candidates, keys.device)
-            size = cross["labels"].shape[0]
+            pairs = self._pairs(text, mined)
             labels = cross.pop("labels")
+            size = labels.shape[0]
             out = model(**{k: torch.cat([v, pairs[k]]) for k, v in cross.items()}, text_side=text, image_side=image)
-            odds = match_log_odds(out.logits[size:]).view(candidates.shape)
-            loss = core.match_loss(out.logits[:size], labels) + s.cross_rank_weight * rank_loss(odds, valid)
-            teacher = (candidates, valid, odds.detach())
+            teacher = match_log_odds(out.logits[size:]).view(mined.index.shape)
+            loss = core.match_loss(out.logits[:size], labels) + s.cross_rank_weight * rank_loss(teacher, mined.valid)
+            teacher = teacher.detach()
         else:
-            if s.distill_weight > 0:
-                teacher = self._teacher(core, text, image, keys)
+            if mined is not None:
+                teacher = self._teacher(core, text, mined)
             out = model(**cross, text_side=text, image_side=image)
             loss = out.loss
         loss = loss + s.contrastive_weight * contrastive_loss(out.text_embeds, out.image_embeds, keys, s.temperature)
-        if teacher is not None and s.distill_weight > 0:
-            candidates, valid, logits = teacher
+        if mined is not None and s.distill_weight > 0:
+            students = torch.cat([out.image_embeds, mined.bank_vectors.to(out.image_embeds.dtype)])
             loss = loss + s.distill_weight * distill_loss(
-                out.text_embeds, out.image_embeds, candidates, valid, logits, s.temperature, s.distill_temperature)
+                out.text_embeds, students, mined.index, mined.valid, teacher, s.temperature, s.distill_temperature)
+        if self.bank is not None and mined is not None:
+            self.bank.add({k: v.cpu().numpy() for k, v in image.items()}, mined.batch_vectors, keys)
         return loss
 
     @torch.no_grad()
     def _candidates(
         self, core: OscarForRetrieval, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], keys: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidates (B, 1+h): each caption's own image then the in-batch images the dual encoder (eval mode)
-        ranks highest for it, valid (B, 1+h) bool)."""
+    ) -> Mined:
+        """Each caption's own image, then the `hard_negatives` images the dual encoder (eval mode) ranks highest for
+        it among the batch's images and the negative bank's."""
         was_training = core.training
         core.eval()
         try:
-            negatives, valid = hard_negatives(core.embed_texts(**text), core.embed_images(**image), keys, self.section.hard_negatives)
+            text_vectors, image_vectors = core.embed_texts(**text), core.embed_images(**image)
         finally:
             core.train(was_training)
-        candidates = torch.cat([torch.arange(keys.shape[0], device=keys.device)[:, None], negatives], dim=1)
-        return candidates, torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        bank = self.bank if self.bank is not None and self.bank.size else None
+        used = bank.size if bank is not None else 0
+        bank_vectors = bank.vectors[:used] if bank is not None else image_vectors.new_zeros((0, image_vectors.shape[1]))
+        bank_keys = bank.keys[:used] if bank is not None else keys.new_zeros(0)
+        negatives, valid = hard_negatives(text_vectors, torch.cat([image_vectors, bank_vectors]),
+                                          torch.cat([keys, bank_keys]), self.section.hard_negatives, text_keys=keys)
+        index = torch.cat([torch.arange(keys.shape[0], device=keys.device)[:, None], negatives], dim=1)
+        valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+        sides = {k: v.cpu().numpy() for k, v in image.items()}
+        if bank is not None:
+            sides = {k: np.concatenate([v, bank.sides[k][:used]]) for k, v in sides.items()}
+        return Mined(index, valid, sides, image_vectors, bank_vectors.clone())
 
-    def _pairs(
-        self, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], candidates: torch.Tensor, device: torch.device
-    ) -> dict[str, torch.Tensor]:
+    def _pairs(self, text: dict[str, torch.Tensor], mined: Mined) -> dict[str, torch.Tensor]:
         """The cross-encoder inputs of every (caption i, candidate image j), row-major over candidates (B·(1+h) rows)."""
         text_np = {k: v.cpu().numpy() for k, v in text.items()}
-        image_np = {k: v.cpu().numpy() for k, v in image.items()}
         return collate([
-            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in image_np.items()})
-            for i, row in enumerate(candidates.tolist()) for j in row
-        ], device)
+            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in mined.sides.items()})
+            for i, row in enumerate(mined.index.tolist()) for j in row
+        ], mined.index.device)
 
     @torch.no_grad()
-    def _teacher(
-        self, core: OscarForRetrieval, text: dict[str, torch.Tensor], image: dict[str, torch.Tensor], keys: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(candidates (B, 1+h), valid (B, 1+h), the cross-encoder's log-odds (B, 1+h) in eval mode)."""
-        candidates, valid = self._candidates(core, text, image, keys)
+    def _teacher(self, core: OscarForRetrieval, text: dict[str, torch.Tensor], mined: Mined) -> torch.Tensor:
+        """The cross-encoder's match log-odds (B, 1+h) of the mined pairs, in eval mode."""
         was_training = core.training
         core.eval()
         try:
-            logits = core(**self._pairs(text, image, candidates, keys.device)).logits
+            logits = core(**self._pairs(text, mined)).logits
         finally:
             core.train(was_training)
-        return candidates, valid, match_log_odds(logits).view(candidates.shape)
+        return match_log_odds(logits).view(mined.index.shape)
 
     @torch.no_grad()
     def validate(self, core: OscarForRetrieval, val_rows: Sequence[ImageRecord], captions_per_image: int) -> dict[str, float]:

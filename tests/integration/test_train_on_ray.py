@@ -49,15 +49,18 @@ def test_task_runs_on_ray_train(ray_local, tmp_path: Path, cls, name: str, model
     assert not model.load_report.missing and not model.load_report.unexpected
 
 
-def test_retrieval_with_the_dual_encoder_section_on_two_workers(ray_local, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["retrieval.dual_encoder.cross_rank_weight=1", "retrieval.dual_encoder.negative_bank=16"]],
+                         ids=["default", "cross-encoder ranked on a negative bank"])
+def test_retrieval_with_the_dual_encoder_section_on_two_workers(ray_local, tmp_path: Path, extra: list[str]) -> None:
     """Both workers' batches feed one contrastive loss (the gather itself: tests/unit/test_dual_encoder.py); the run
-    reports the dual encoder's own R@K beside the cross-encoder's and exports the heads in the model dir."""
+    reports the dual encoder's own R@K beside the cross-encoder's and exports the heads in the model dir. The second
+    case sends the hard pairs through the DDP forward (cross_rank_weight) and mines them from each worker's bank."""
     data = write_synthetic_dataset(tmp_path / "syn", num_train=60, num_val=8, unique=True).root
     card = load_card(RetrievalCard, JOBS / "retrieval_tiny.yaml", [
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={tmp_path}/runs",
         "data.max_val_images=8", "schedule.max_steps=20", "validation.every_steps=10", "optim.warmup_steps=4",
         "retrieval.max_seq_length=40", "retrieval.dual_encoder.enabled=true", "retrieval.dual_encoder.dim=32",
-        "batch.per_worker_batch_size=8", "batch.global_batch_size=16", "checkpoint.metric=val_dual_rsum",
+        "batch.per_worker_batch_size=8", "batch.global_batch_size=16", "checkpoint.metric=val_dual_rsum", *extra,
     ])
     assert card.scaling.num_workers == 2
     summary = run_training(card, controller_failure_limit=1)

@@ -28,6 +28,7 @@ from mengzi_ray.modeling.dual_encoder import (contrastive_loss, distill_loss, ga
                                              match_log_odds, rank_loss)
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.card import RetrievalCard
+from mengzi_ray.training.dual_objective import NegativeBank
 from mengzi_ray.training.jobs import prepare_init
 from mengzi_ray.training.tasks import NegativePool, task_for
 
@@ -154,6 +155,41 @@ def test_the_cross_rank_loss_trains_the_cross_encoder_on_the_dual_encoders_hard_
         (task.loss(model, batch) - model(**{k: v for k, v in batch.items() if "." not in k and k != "dual_image_key"}).loss).backward()
         optimiser.step()
     assert listwise().item() < before / 2
+
+
+def test_the_negative_bank_keeps_the_last_rows_and_offers_them_as_hard_negatives(data: Path, tmp_path: Path) -> None:
+    bank = NegativeBank(5)
+    for start in (0, 2, 4):  # rows 0..5 in batches of 2: the oldest one is overwritten
+        bank.add({"x": np.arange(start, start + 2)[:, None]}, torch.eye(8)[start : start + 2], torch.arange(start, start + 2))
+    assert bank.size == 5 and sorted(bank.keys.tolist()) == [1, 2, 3, 4, 5]
+    assert all(bank.sides["x"][slot, 0] == key and bank.vectors[slot, key] == 1 for slot, key in enumerate(bank.keys.tolist()))
+
+    torch.manual_seed(0)
+    _, task, model, rows, _ = setup(data, tmp_path, [*DUAL, "retrieval.dual_encoder.negative_bank=8",
+                                                     "retrieval.dual_encoder.cross_rank_weight=1", "retrieval.dual_encoder.hard_negatives=8"])
+    rng = np.random.default_rng(0)
+    pool = NegativePool(64, rng)
+    pool.add(rows)
+    first, second = ({k: torch.as_tensor(v) for k, v in task.make_batch(part, rng, pool).items()} for part in (rows[:6], rows[6:12]))
+    model.train()
+    task.loss(model, first).backward()  # the first step fills the bank with rows 0..5
+    assert task.dual.bank.size == 6
+    text = {k: second[f"text_side.{k}"] for k in ("input_ids", "attention_mask")}
+    image = {k: second[f"image_side.{k}"] for k in ("input_ids", "attention_mask", "token_type_ids", "img_feats")}
+    mined = task.dual._candidates(model, text, image, second["dual_image_key"])
+    assert mined.index.shape == (6, 9) and mined.bank_vectors.shape[0] == 6
+    from_bank = mined.index[:, 1:][mined.valid[:, 1:]]
+    assert (from_bank >= 6).any()  # the bank's rows compete with the batch's as negatives
+    for j in from_bank[from_bank >= 6].tolist():
+        want = task.dual.tz.image_side(rows[j - 6].od_labels, rows[j - 6].features)
+        assert all(np.array_equal(mined.sides[k][j], want[k]) for k in want)
+    for i, row in enumerate(mined.index.tolist()):  # never a picture of the caption itself
+        picture = second["dual_image_key"][i]
+        keys = torch.cat([second["dual_image_key"], task.dual.bank.keys[:6]])
+        assert all(keys[j] != picture for j, ok in zip(row[1:], mined.valid[i, 1:].tolist()) if ok)
+    loss = task.loss(model, second)
+    loss.backward()
+    assert torch.isfinite(loss) and task.dual.bank.size == 8
 
 
 def test_heads_travel_in_the_model_dir_and_dirs_without_them_still_load(data: Path, tmp_path: Path) -> None:
