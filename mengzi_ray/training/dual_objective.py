@@ -17,8 +17,8 @@ learns from them), and the teacher is their log-odds from it, detached (train mo
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,14 +44,23 @@ def image_key(image_id: str) -> int:
 @dataclass(frozen=True)
 class Mined:
     """One step's hard-negative candidates. index (B, 1+h): per caption its own image (column 0) then the hard
-    negatives, as rows of [the batch's B images, the bank's M images]; valid (B, 1+h) bool; sides: the image sides
-    of those B + M images (numpy); batch_vectors (B, dim) / bank_vectors (M, dim): their eval-mode embeddings."""
+    negatives, as rows of [the batch's B images, the bank's M images]; valid (B, 1+h) bool; batch_sides (B, ...) /
+    bank_sides (M, ...): those images' sides (numpy; the bank's are views, valid until its next `add`);
+    batch_vectors (B, dim) / bank_vectors (M, dim): their eval-mode embeddings."""
 
     index: torch.Tensor
     valid: torch.Tensor
-    sides: dict[str, np.ndarray]
+    batch_sides: dict[str, np.ndarray]
+    bank_sides: dict[str, np.ndarray]
     batch_vectors: torch.Tensor
     bank_vectors: torch.Tensor
+
+    def side(self, j: int) -> dict[str, np.ndarray]:
+        """The image side of candidate row j."""
+        size = len(self.batch_vectors)
+        if j < size:
+            return {k: v[j] for k, v in self.batch_sides.items()}
+        return {k: v[j - size] for k, v in self.bank_sides.items()}
 
 
 class NegativeBank:
@@ -134,7 +143,7 @@ class DualEncoderObjective:
             loss = loss + s.distill_weight * distill_loss(
                 out.text_embeds, students, mined.index, mined.valid, teacher, s.temperature, s.distill_temperature)
         if self.bank is not None and mined is not None:
-            self.bank.add({k: v.cpu().numpy() for k, v in image.items()}, mined.batch_vectors, keys)
+            self.bank.add(mined.batch_sides, mined.batch_vectors, keys)
         return loss
 
     @torch.no_grad()
@@ -157,16 +166,15 @@ class DualEncoderObjective:
                                           torch.cat([keys, bank_keys]), self.section.hard_negatives, text_keys=keys)
         index = torch.cat([torch.arange(keys.shape[0], device=keys.device)[:, None], negatives], dim=1)
         valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-        sides = {k: v.cpu().numpy() for k, v in image.items()}
-        if bank is not None:
-            sides = {k: np.concatenate([v, bank.sides[k][:used]]) for k, v in sides.items()}
-        return Mined(index, valid, sides, image_vectors, bank_vectors.clone())
+        batch_sides = {k: v.cpu().numpy() for k, v in image.items()}
+        bank_sides = {k: v[:used] for k, v in bank.sides.items()} if bank is not None else {}
+        return Mined(index, valid, batch_sides, bank_sides, image_vectors, bank_vectors.clone())
 
     def _pairs(self, text: dict[str, torch.Tensor], mined: Mined) -> dict[str, torch.Tensor]:
         """The cross-encoder inputs of every (caption i, candidate image j), row-major over candidates (B·(1+h) rows)."""
         text_np = {k: v.cpu().numpy() for k, v in text.items()}
         return collate([
-            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, {k: v[j] for k, v in mined.sides.items()})
+            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, mined.side(j))
             for i, row in enumerate(mined.index.tolist()) for j in row
         ], mined.index.device)
 

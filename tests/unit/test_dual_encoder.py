@@ -182,7 +182,7 @@ def test_the_negative_bank_keeps_the_last_rows_and_offers_them_as_hard_negatives
     assert (from_bank >= 6).any()  # the bank's rows compete with the batch's as negatives
     for j in from_bank[from_bank >= 6].tolist():
         want = task.dual.tz.image_side(rows[j - 6].od_labels, rows[j - 6].features)
-        assert all(np.array_equal(mined.sides[k][j], want[k]) for k in want)
+        assert all(np.array_equal(mined.side(j)[k], want[k]) for k in want)
     for i, row in enumerate(mined.index.tolist()):  # never a picture of the caption itself
         picture = second["dual_image_key"][i]
         keys = torch.cat([second["dual_image_key"], task.dual.bank.keys[:6]])
