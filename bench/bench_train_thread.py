@@ -2,8 +2,11 @@
 (`bench_train_ray.plain_samples_per_second`, small size, no Ray Data, no DDP) timed in this process's main thread,
 in a second thread of this process, and inside a 1-worker `TorchTrainer` train function (Ray Train 2 runs it in
 a `TrainingThread` of the worker, ray/train/v2/_internal/execution/worker_group/thread_runner.py), with the same
-torch threads everywhere. The in-process runs alternate, `--repeats` times each, so a drift in the machine's speed
-hits both; the table gives each run and the medians.
+torch threads everywhere. Two more places separate the thread from its neighbours: a fresh process's main thread,
+and a second thread of a fresh process whose main thread runs no torch op. (libgomp gives every thread that starts
+a parallel region a team of its own; a process with two teams has more OpenMP threads than this VM has cores, and
+libgomp then spins only briefly before sleeping, which small ops pay for at every region.) The runs alternate,
+`--repeats` times each, so a drift in the machine's speed hits all; the table gives each run and the medians.
 
     .venv/bin/python bench/bench_train_thread.py [--threads 2] [--repeats 3]
 """
@@ -14,6 +17,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -39,6 +44,20 @@ def in_second_thread(fn, *args):
     return out[0]
 
 
+def in_fresh_process(threaded: bool, threads: int, data: Path, init_dir: Path) -> float:
+    """The loop in a new Python process, in its main thread or (threaded) in a second thread while the main thread
+    never runs a torch op: a second thread is then the only OpenMP team of the process."""
+    argv = [sys.executable, __file__, "--child", "thread" if threaded else "main", str(threads), str(data), str(init_dir)]
+    return float(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def child(mode: str, threads: str, data: str, init_dir: str) -> None:
+    """`--child`: one run of the loop, its rate printed last."""
+    case = next(c for c in CASES if c.name == "small")
+    args = (case, int(threads), Path(data), Path(init_dir))
+    print(in_second_thread(plain_samples_per_second, *args) if mode == "thread" else plain_samples_per_second(*args))
+
+
 def in_train_function(case, threads: int, data: Path, init_dir: Path, root: Path, repeats: int) -> list[float]:
     """The loop `repeats` times inside one Ray Train worker reserving `threads` CPUs (its OMP_NUM_THREADS)."""
     import ray.train
@@ -60,7 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "THREADS", "DATA", "INIT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
     case = next(c for c in CASES if c.name == "small")
     commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,10 +90,13 @@ def main() -> None:
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
         card = load_card(CaptionCard, CARD, [f"data.features={data}/features", f"data.text={data}/text.jsonl", *case.overrides()])
         init_dir = Path(prepare_init(card, str(root / "init_run"))[0])
-        runs: dict[str, list[float]] = {"main thread": [], "second thread": []}
+        runs: dict[str, list[float]] = {"main thread": [], "second thread": [], "fresh process, main thread": [],
+                                        "fresh process, second thread only": []}
         for _ in range(args.repeats):
             runs["main thread"].append(plain_samples_per_second(case, args.threads, data, init_dir))
             runs["second thread"].append(in_second_thread(plain_samples_per_second, case, args.threads, data, init_dir))
+            runs["fresh process, main thread"].append(in_fresh_process(False, args.threads, data, init_dir))
+            runs["fresh process, second thread only"].append(in_fresh_process(True, args.threads, data, init_dir))
         # Ray workers inherit this environment: the train function imports bench_train_ray from bench/
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
         init_local_ray(args.threads + 2)
