@@ -258,6 +258,13 @@ class DualEncoderSection(Section):
         "shared", description="shared: the heads read the cross-encoder's trunk (one model); separate: a trunk copy of "
         "their own (twice the weights; the dual losses never move the cross-encoder)")
 
+    @model_validator(mode="after")
+    def _bank_needs_mining(self) -> "DualEncoderSection":
+        if self.negative_bank and not (self.distill_weight or self.cross_rank_weight):
+            raise ValueError(f"negative_bank {self.negative_bank} would never be read: hard negatives are mined only "
+                             "when distill_weight or cross_rank_weight is above 0")
+        return self
+
 
 class RetrievalSection(Section):
     """Retrieval layout (microsoft/Oscar `oscar/run_retrieval.py` `RetrievalDataset`, `compute_ranks`)."""

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from mengzi_ray.config import load_card
+from mengzi_ray.config import ConfigError, load_card
 from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord, load_image_records
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
@@ -164,6 +164,8 @@ def test_the_negative_bank_keeps_the_last_rows_and_offers_them_as_hard_negatives
     assert bank.size == 5 and sorted(bank.keys.tolist()) == [1, 2, 3, 4, 5]
     assert all(bank.sides["x"][slot, 0] == key and bank.vectors[slot, key] == 1 for slot, key in enumerate(bank.keys.tolist()))
 
+    with pytest.raises(ConfigError, match="negative_bank 8 would never be read"):
+        setup(data, tmp_path, [*DUAL, "retrieval.dual_encoder.negative_bank=8", "retrieval.dual_encoder.distill_weight=0"])
     torch.manual_seed(0)
     _, task, model, rows, _ = setup(data, tmp_path, [*DUAL, "retrieval.dual_encoder.negative_bank=8",
                                                      "retrieval.dual_encoder.cross_rank_weight=1", "retrieval.dual_encoder.hard_negatives=8"])
