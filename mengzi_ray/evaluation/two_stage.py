@@ -19,13 +19,13 @@ from mengzi_ray.evaluation.retrieval_eval import Gallery
 from mengzi_ray.evaluation.retrieval_metrics import recall_from_ranks, retrieval_ranks
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.ngram import NgramIndex
-from mengzi_ray.index.store import top_k
+from mengzi_ray.index.store import inner_products, top_k
 
 
 def dual_scores(embedder: DualEmbedder, gallery: Gallery) -> np.ndarray:
     """(num_images, num_texts) inner products of the gallery's image and text embeddings."""
     images = embedder.embed_images(list(zip(gallery.od_labels, gallery.regions)))
-    return images @ embedder.embed_texts(gallery.texts).T
+    return inner_products(images, embedder.embed_texts(gallery.texts))
 
 
 def tfidf_scores(gallery: Gallery) -> tuple[np.ndarray, np.ndarray]:

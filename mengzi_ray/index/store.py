@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from mengzi_ray import storage
 
@@ -119,7 +120,19 @@ class ExactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows per query (Q, dim) by inner product: (indices (Q, k'), scores (Q, k')), k' = min(k, n), best
         first; equal scores keep index order."""
-        return top_k(np.asarray(queries, dtype=np.float32) @ self.vectors.T, k)
+        return top_k(inner_products(queries, self.vectors), k)
+
+
+def inner_products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(Q, dim) × (n, dim) → (Q, n) float32 inner products, computed by torch on the CPU.
+
+    Not numpy's `@`: numpy's OpenBLAS keeps a thread pool of its own whose threads spin for a while after each
+    product, so on a machine with few cores the cross-encoder forward that follows a shortlist (Serve's two-stage
+    search) ran at half speed beside them (bench/bench_retrieval_stages.py: 1.9× slower re-rank on 2 cores).
+    torch's product runs on the same OpenMP team as the model."""
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    return (q @ v.T).numpy()
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mengzi_ray.inference.embedder import DualEmbedder
-from mengzi_ray.index.store import ExactIndex, top_k
+from mengzi_ray.index.store import ExactIndex, inner_products, top_k
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery
 from mengzi_ray.text import tag_string
@@ -39,7 +39,8 @@ class DualStage:
 
     def images_for(self, texts: Sequence[str], k: int) -> list[np.ndarray]:
         """The k gallery images nearest each text, best first."""
-        hits, _ = top_k(self.embedder.embed_texts(texts, batch_size=len(texts)) @ self.image_vectors.T, k)
+        queries = self.embedder.embed_texts(texts, batch_size=len(texts))
+        hits, _ = top_k(inner_products(queries, self.image_vectors), k)
         return list(hits)
 
     def captions_for(self, regions: Sequence[RegionSet], k: int) -> list[np.ndarray]:
@@ -49,7 +50,7 @@ class DualStage:
         tag_map = self.embedder.model.config.tag_map
         queries = self.embedder.embed_images([(tag_string(r.tags_for(tag_map)), r.features) for r in regions],
                                              batch_size=len(regions))
-        hits, _ = top_k(queries @ self.caption_vectors.T, k)
+        hits, _ = top_k(inner_products(queries, self.caption_vectors), k)
         return list(hits)
 
 

@@ -26,6 +26,7 @@ import torch
 from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
+from mengzi_ray.index.store import inner_products
 from mengzi_ray.inference.embedder import embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives, match_log_odds, rank_loss
@@ -196,6 +197,6 @@ class DualEncoderObjective:
         text_vectors = embed_sides(core, [self.tz.text_side(t) for _, t in texts], "text", self.val_batch_size)
         image_vectors = embed_sides(core, [self.tz.image_side(r.od_labels, r.features) for r in val_rows], "image",
                                     self.val_batch_size)
-        scores = image_vectors @ text_vectors.T
+        scores = inner_products(image_vectors, text_vectors)
         recall = retrieval_recall(scores, np.array([i for i, _ in texts]))
         return {f"val_dual_{k}": v for k, v in recall.items()}
