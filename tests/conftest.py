@@ -62,3 +62,17 @@ def tiny_config(**overrides):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def joined_train_rows(tmp_path_factory):
+    """(dataset root, Arrow table): a synthetic dataset (12 train, 4 val images) and its train captions joined to
+    their features as the training job joins them, one caption per row (training/examples.py)."""
+    import pyarrow.parquet as pq
+
+    from mengzi_ray.synthetic import write_synthetic_dataset
+    from mengzi_ray.training.examples import _attach_texts, read_text_table
+
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_train=12, num_val=4).root
+    texts = read_text_table(str(root / "text.jsonl"), "train", "caption")
+    return root, _attach_texts(pq.read_table(root / "features"), texts, False)

@@ -23,23 +23,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mengzi_ray.data.dual_encoder import IMAGE_KEYS, TEXT_KEYS, DualEncoderTensorizer
+from mengzi_ray.data.dual_encoder import IMAGE_KEYS, IMAGE_PREFIX, TEXT_KEYS, TEXT_PREFIX, DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.index.store import inner_products
 from mengzi_ray.inference.embedder import embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives, match_log_odds, rank_loss
-from mengzi_ray.inference import collate
 from mengzi_ray.training.card import DualEncoderSection
 
 KEY = "dual_image_key"
-TEXT_PREFIX, IMAGE_PREFIX = "text_side.", "image_side."
 
 
 def image_key(image_id: str) -> int:
     """A stable signed 64-bit id of an image (the same on every worker and in every run)."""
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def image_keys(image_ids: Sequence[str]) -> np.ndarray:
+    """`image_key` of each id, (n,) int64."""
+    return np.array([image_key(i) for i in image_ids], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,19 @@ class Mined:
 
     def side(self, j: int) -> dict[str, np.ndarray]:
         """The image side of candidate row j."""
+        return {k: v[0] for k, v in self.sides(np.array([j])).items()}
+
+    def sides(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The image sides of candidate rows (n,), stacked (n, ...): one gather from the batch and one from the bank."""
         size = len(self.batch_vectors)
-        if j < size:
-            return {k: v[j] for k, v in self.batch_sides.items()}
-        return {k: v[j - size] for k, v in self.bank_sides.items()}
+        in_batch = rows < size
+        out = {}
+        for k, v in self.batch_sides.items():
+            out[k] = np.empty((len(rows), *v.shape[1:]), dtype=v.dtype)
+            out[k][in_batch] = v[rows[in_batch]]
+            if not in_batch.all():
+                out[k][~in_batch] = self.bank_sides[k][rows[~in_batch] - size]
+        return out
 
 
 class NegativeBank:
@@ -106,11 +118,8 @@ class DualEncoderObjective:
 
     def batch_arrays(self, rows: Sequence[ImageRecord]) -> dict[str, np.ndarray]:
         """The B rows' text sides (their first text), image sides and image keys, stacked."""
-        texts = [self.tz.text_side(r.texts[0]) for r in rows]
-        images = [self.tz.image_side(r.od_labels, r.features) for r in rows]
-        out = {TEXT_PREFIX + k: np.stack([t[k] for t in texts]) for k in TEXT_KEYS}
-        out.update({IMAGE_PREFIX + k: np.stack([i[k] for i in images]) for k in IMAGE_KEYS})
-        out[KEY] = np.array([image_key(r.image_id) for r in rows], dtype=np.int64)
+        out = self.tz.sides_batch([r.texts[0] for r in rows], [r.od_labels for r in rows], [r.features for r in rows])
+        out[KEY] = image_keys([r.image_id for r in rows])
         return out
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -173,11 +182,10 @@ class DualEncoderObjective:
 
     def _pairs(self, text: dict[str, torch.Tensor], mined: Mined) -> dict[str, torch.Tensor]:
         """The cross-encoder inputs of every (caption i, candidate image j), row-major over candidates (B·(1+h) rows)."""
-        text_np = {k: v.cpu().numpy() for k, v in text.items()}
-        return collate([
-            self.tz.cross_example({k: v[i] for k, v in text_np.items()}, mined.side(j))
-            for i, row in enumerate(mined.index.tolist()) for j in row
-        ], mined.index.device)
+        per_caption = mined.index.shape[1]
+        text_np = {k: np.repeat(v.cpu().numpy(), per_caption, axis=0) for k, v in text.items()}
+        pairs = self.tz.cross_batch(text_np, mined.sides(mined.index.reshape(-1).cpu().numpy()))
+        return {k: torch.as_tensor(v).to(mined.index.device) for k, v in pairs.items()}
 
     @torch.no_grad()
     def _teacher(self, core: OscarForRetrieval, text: dict[str, torch.Tensor], mined: Mined) -> torch.Tensor:

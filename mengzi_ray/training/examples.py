@@ -5,8 +5,9 @@ the Mengzi corpus is ~0.4 GB of Arrow) is read once on the driver into one Arrow
 store, where every map task reads it zero-copy; the feature side (≈400 KB an image) streams from Parquet block by
 block and is never shuffled or held whole. The join holds no tokens, so one joined dataset feeds every layout; a
 task that builds its examples upstream (`Task.upstream`, training/tasks.py) adds a map stage after it
-(`prepare_caption_batch` for captioning: tokens, segments, padded regions and lengths as fixed-shape columns), so
-tokenisation overlaps training and workers receive ready arrays; other tasks tensorise joined rows in the worker.
+(`prepare_caption_batch` for captioning: tokens, segments, padded regions and lengths as fixed-shape columns;
+`prepare_retrieval_batch` for retrieval: each row's text and image sides), so tokenisation overlaps training and
+workers receive ready arrays; pretraining and SCST tensorise joined rows in the worker.
 
 Driver-side checks (`check_data`) find missing datasets, wrong feature dims and orphan texts before any worker
 starts; they read only Parquet schemas and the image_id column.
@@ -24,9 +25,11 @@ import pyarrow.parquet as pq
 from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
 from mengzi_ray.data.captioning import CaptionTensorizer
+from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
 from mengzi_ray.data.records import ImageRecord, read_text_rows
 from mengzi_ray.features.layout import features_dim, region_arrays_of
 from mengzi_ray.text import tag_string
+from mengzi_ray.training.dual_objective import KEY, image_keys
 
 FEATURE_COLUMNS = ["image_id", "features", "tags"]
 
@@ -156,6 +159,21 @@ def prepare_caption_batch(batch: pa.Table, tensorizer: CaptionTensorizer) -> dic
     The training worker masks them per step (`CaptionTensorizer.mask_batch`)."""
     records = to_records(batch)
     prepared = tensorizer.prepare_batch([r.texts[0] for r in records], [r.od_labels for r in records], [r.features for r in records])
+    return _with_ids(prepared, records)
+
+
+def prepare_retrieval_batch(batch: pa.Table, tensorizer: DualEncoderTensorizer) -> dict[str, np.ndarray]:
+    """Ray Data map stage of retrieval training: a joined batch (one text per row) → each row's text side and image
+    side (`DualEncoderTensorizer.sides_batch`: data.dual_encoder.SIDE_COLUMNS), its image key
+    (training.dual_objective.KEY) and the `image_id` and `text` columns. The training worker draws the negatives
+    and composes the cross-encoder's pairs from the sides (`RetrievalTask.step_batch`)."""
+    records = to_records(batch)
+    prepared = tensorizer.sides_batch([r.texts[0] for r in records], [r.od_labels for r in records], [r.features for r in records])
+    prepared[KEY] = image_keys([r.image_id for r in records])
+    return _with_ids(prepared, records)
+
+
+def _with_ids(prepared: dict[str, np.ndarray], records: list[ImageRecord]) -> dict[str, np.ndarray]:
     prepared["image_id"] = np.array([r.image_id for r in records], dtype=str)
     prepared["text"] = np.array([r.texts[0] for r in records], dtype=str)
     return prepared

@@ -3,8 +3,8 @@
 Per optimizer step: `accumulation` micro-batches of `per_worker_batch_size` rows from this worker's shard
 (DDP gradient sync only on the last), then clip, AdamW step and the warmup-linear scheduler; precision, fused AdamW,
 gradient checkpointing and torch.compile come from the card's optim section (training/step.py). A task with an
-upstream stage (Task.upstream: captioning) gets ready numpy columns and only masks them per step (`step_batch`);
-the others tensorise joined records in the worker (`make_batch`).
+upstream stage (Task.upstream: captioning, retrieval) gets ready numpy columns and only does the per-step part
+(`step_batch`: masking, negatives); the others tensorise joined records in the worker (`make_batch`).
 Every `validation.every_steps` steps (and at the end) rank 0 validates and every rank calls `ray.train.report`
 (a barrier); every `checkpoint_every` steps rank 0 attaches a full-state checkpoint:
 
@@ -46,7 +46,7 @@ from mengzi_ray.training.card import TrainCard
 from mengzi_ray.training.examples import to_records
 from mengzi_ray.training.optim import build_optimizer, warmup_linear
 from mengzi_ray.training.step import StepOptions, TrainStep
-from mengzi_ray.training.tasks import NegativePool, Task, task_for
+from mengzi_ray.training.tasks import Task, task_for
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -200,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_shard, card.batch.per_worker_batch_size, card.data.shuffle_buffer, state.position,
         card.data.cache_in_workers, seed=card.optim.seed, rank=rank, prepared=prepared,
     )
-    pool = NegativePool(getattr(getattr(card, "pretrain", None), "negative_pool_size", 4096), rng)
+    pool = task.negative_pool(rng)
     accumulation = card.accumulation_steps
     recent: list[float] = []
     resumed_from = state.step
@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if card.fault_drill and card.fault_drill.log_ids:
                 _log_ids(config["run_dir"], rank, state, rows)
             if isinstance(rows, dict):
-                arrays = task.step_batch(rows, rng)
+                arrays = task.step_batch(rows, rng, pool)
             else:
                 pool.add(rows)
                 arrays = task.make_batch(rows, rng, pool)

@@ -1,25 +1,23 @@
 """The three training tasks as the per-worker loop sees them: which model, how joined rows become a batch, the
 loss, and validation. One class per task; `task_for(card)` picks it. No Ray here, so tasks test without Ray.
 
-Negatives in a streaming setting (pretraining pollution, retrieval negatives): each worker keeps a `NegativePool`,
-a ring buffer of the last `capacity` rows its shard delivered (the current batch included). The shard is a
-uniform shuffle of the corpus (block order randomised per epoch plus a local shuffle buffer), so a uniform draw
-from the pool is a draw of a random corpus document, as the original's `random.randint(0, len(dataset))`; like
-the original, a draw that hits the same image is retried (up to 10 times).
+Negatives (pretraining pollution, retrieval negatives) come from the worker's recent rows (training/negatives.py).
 
-Captioning builds its examples upstream of the trainer (`upstream`: a Ray Data map stage of tokens, segments,
-padded regions and lengths) and only masks per step (`step_batch`, vectorised); pretraining, retrieval and SCST
-tensorise joined rows in the worker (`make_batch`). The dice that decides *whether* to
-pollute is per example and unchanged (`data.pretraining.pollute`: u > 0.5 matched, u > texta_false_prob swap
-text_b, else swap text_a), so the 0.5 / 0.25 / 0.25 split of the original holds exactly; only the population
-negatives come from is the recent part of the stream rather than the whole corpus.
+Captioning and retrieval build their examples upstream of the trainer (`upstream`: a Ray Data map stage that
+tokenises; captioning: tokens, segments, padded regions and lengths; retrieval: each row's text and image sides)
+and only do per step what must be per step, vectorised (`step_batch`: captioning masks, retrieval draws negatives
+and composes the cross-encoder's pairs from the sides); pretraining and SCST tensorise joined rows in the worker
+(`make_batch`). `make_batch` stays the per-row reference of the upstream tasks: the same rows, pool and generator
+give the same examples either way (tests/unit). The dice that decides *whether* to pollute is per example and
+unchanged (`data.pretraining.pollute`: u > 0.5 matched, u > texta_false_prob swap text_b, else swap text_a), so
+the 0.5 / 0.25 / 0.25 split of the original holds exactly; only the population negatives come from is the recent
+part of the stream rather than the whole corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
 from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pretrain_pair
 from mengzi_ray.data.records import ImageRecord
-from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
+from mengzi_ray.data.dual_encoder import IMAGE_KEYS, IMAGE_PREFIX, SIDE_COLUMNS, TEXT_KEYS, TEXT_PREFIX, DualEncoderTensorizer
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
@@ -38,11 +36,15 @@ from mengzi_ray.modeling.config import OscarConfig
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.inference import Captioner, MatchScorer, collate
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
-from mengzi_ray.training.dual_objective import DualEncoderObjective
-from mengzi_ray.training.examples import prepare_caption_batch
+from mengzi_ray.training.dual_objective import KEY, DualEncoderObjective
+from mengzi_ray.training.examples import prepare_caption_batch, prepare_retrieval_batch
+from mengzi_ray.training.negatives import NegativePool, PreparedPool
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
 Batch = dict[str, np.ndarray]
+
+POOL_ROWS = 4096
+"""Recent rows a worker draws negatives from (pretraining: the card's pretrain.negative_pool_size)."""
 
 CAPTION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", "masked_pos", "masked_ids")
 """The tensors of a captioning training batch that OscarForCaptioning.forward takes."""
@@ -51,26 +53,6 @@ CAPTION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", 
 def caption_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Masked-token loss of one captioning training batch (autocast is the caller's choice)."""
     return model(**{k: batch[k] for k in CAPTION_INPUTS}).loss
-
-
-class NegativePool:
-    """Ring buffer of recent rows; `other(image_id)` draws a row of a different image (see module docstring)."""
-
-    def __init__(self, capacity: int, rng: np.random.Generator):
-        self.rows: deque[ImageRecord] = deque(maxlen=capacity)
-        self.rng = rng
-
-    def add(self, rows: Sequence[ImageRecord]) -> None:
-        self.rows.extend(rows)
-
-    def other(self, image_id: str) -> ImageRecord:
-        if not self.rows:
-            raise ValueError("negative pool is empty: add the current batch before drawing")
-        for _ in range(10):
-            row = self.rows[int(self.rng.integers(len(self.rows)))]
-            if row.image_id != image_id:
-                return row
-        return row
 
 
 class Task(ABC):
@@ -102,10 +84,15 @@ class Task(ABC):
         joined rows. With a stage, the worker calls `step_batch` on its output instead."""
         return None
 
-    def step_batch(self, prepared: Batch, rng: np.random.Generator) -> Batch:
+    def step_batch(self, prepared: Batch, rng: np.random.Generator, pool: Any) -> Batch:
         """The model's batch from one micro-batch of the `upstream` stage's columns (what must stay per step,
-        e.g. random masking, vectorised over the batch); same examples as `make_batch` on the same rows and rng."""
+        e.g. random masking, vectorised over the batch); same examples as `make_batch` on the same rows, rng and
+        pool rows. `pool` is this task's `negative_pool`; step_batch adds the micro-batch to it."""
         raise NotImplementedError(f"{type(self).__name__} has no upstream stage")
+
+    def negative_pool(self, rng: np.random.Generator) -> NegativePool | PreparedPool:
+        """The store of recent rows that the loop keeps for this task (training/negatives.py)."""
+        return NegativePool(POOL_ROWS, rng)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
@@ -156,7 +143,7 @@ class CaptionTask(Task):
     def upstream(self) -> tuple[Callable[..., Batch], dict[str, Any]] | None:
         return prepare_caption_batch, {"tensorizer": self.train_tz}
 
-    def step_batch(self, prepared: Batch, rng: np.random.Generator) -> Batch:
+    def step_batch(self, prepared: Batch, rng: np.random.Generator, pool: Any) -> Batch:
         return self.train_tz.mask_batch(prepared, rng)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -196,8 +183,8 @@ class RetrievalTask(Task):
             add_od_labels=r.add_od_labels, att_mask_type=r.att_mask_type,
         )
         self.tz = RetrievalTensorizer(tokenizer, layout)
-        self.dual = (DualEncoderObjective(r.dual_encoder, DualEncoderTensorizer(tokenizer, layout), card.validation.batch_size)
-                     if r.dual_encoder.enabled else None)
+        self.sides = DualEncoderTensorizer(tokenizer, layout)  # the upstream stage's text and image sides
+        self.dual = DualEncoderObjective(r.dual_encoder, self.sides, card.validation.batch_size) if r.dual_encoder.enabled else None
 
     def config_overrides(self) -> dict[str, Any]:
         r = self.card.retrieval
@@ -209,18 +196,41 @@ class RetrievalTask(Task):
                 "dual_encoder_temperature": r.dual_encoder.temperature, "dual_encoder_tower": r.dual_encoder.tower}
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
-        """B rows → 2B examples: the positives, then one negative each (other caption or other image, p = 0.5)."""
+        """B rows → 2B examples: the positives, then one negative each: with p = 0.5 another image's caption with
+        this image, else this caption with another image (the other row from `pool.others`)."""
+        others = pool.others([r.image_id for r in rows])
+        swap_caption = rng.random(len(rows)) < 0.5
         positives = [self.tz.example(r.texts[0], r.od_labels, r.features, 1) for r in rows]
-        negatives = []
-        for r in rows:
-            other = pool.other(r.image_id)
-            if rng.random() < 0.5:
-                negatives.append(self.tz.example(other.texts[int(rng.integers(len(other.texts)))], r.od_labels, r.features, 0))
-            else:
-                negatives.append(self.tz.example(r.texts[0], other.od_labels, other.features, 0))
+        negatives = [self.tz.example(o.texts[0], r.od_labels, r.features, 0) if swap
+                     else self.tz.example(r.texts[0], o.od_labels, o.features, 0)
+                     for r, o, swap in zip(rows, others, swap_caption)]
         batch = _stack(positives + negatives)
         if self.dual is not None:  # the positives' two sides (dual_objective.py)
             batch.update(self.dual.batch_arrays(rows))
+        return batch
+
+    def upstream(self) -> tuple[Callable[..., Batch], dict[str, Any]] | None:
+        return prepare_retrieval_batch, {"tensorizer": self.sides}
+
+    def negative_pool(self, rng: np.random.Generator) -> PreparedPool:
+        return PreparedPool(POOL_ROWS, rng, SIDE_COLUMNS)
+
+    def step_batch(self, prepared: Batch, rng: np.random.Generator, pool: PreparedPool) -> Batch:
+        """`make_batch` from the upstream sides: the negatives' sides are gathered from the pool and every pair is
+        composed at once (`DualEncoderTensorizer.cross_batch`)."""
+        pool.add(prepared)
+        others = pool.others(prepared["image_id"])
+        size = len(prepared["image_id"])
+        own, swap_caption = np.arange(size), rng.random(size) < 0.5
+        # rows of [this batch's sides; the drawn rows' sides]: positives, then negatives
+        text_rows = np.concatenate([own, np.where(swap_caption, size + own, own)])
+        image_rows = np.concatenate([own, np.where(swap_caption, own, size + own)])
+        text = {k: np.concatenate([prepared[TEXT_PREFIX + k], others[TEXT_PREFIX + k]])[text_rows] for k in TEXT_KEYS}
+        image = {k: np.concatenate([prepared[IMAGE_PREFIX + k], others[IMAGE_PREFIX + k]])[image_rows] for k in IMAGE_KEYS}
+        batch = self.sides.cross_batch(text, image)
+        batch["labels"] = np.concatenate([np.ones(size, np.int64), np.zeros(size, np.int64)])
+        if self.dual is not None:
+            batch.update({k: np.asarray(prepared[k]) for k in (*SIDE_COLUMNS, KEY)})
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -258,6 +268,9 @@ class PretrainTask(Task):
 
     def config_overrides(self) -> dict[str, Any]:
         return {**super().config_overrides(), "num_contrast_classes": self.layout.num_contrast_classes}
+
+    def negative_pool(self, rng: np.random.Generator) -> NegativePool:
+        return NegativePool(self.card.pretrain.negative_pool_size, rng)
 
     def _examples(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> list[Batch]:
         out = []

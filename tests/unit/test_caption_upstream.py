@@ -11,14 +11,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from mengzi_ray.config import load_card
-from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.card import CaptionCard
-from mengzi_ray.training.examples import _attach_texts, prepare_caption_batch, read_text_table, to_records
+from mengzi_ray.training.examples import to_records
 from mengzi_ray.training.jobs import prepare_init
 from mengzi_ray.training.loop import DataPosition, LoopState, _log_ids, micro_batches
 from mengzi_ray.training.tasks import CaptionTask, NegativePool, task_for
@@ -27,13 +25,13 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_train=12, num_val=4).root
+def data(joined_train_rows) -> Path:
+    return joined_train_rows[0]
 
 
 @pytest.fixture(scope="module")
-def joined(data: Path) -> pa.Table:
-    return _attach_texts(pq.read_table(data / "features"), read_text_table(str(data / "text.jsonl"), "train", "caption"), False)
+def joined(joined_train_rows) -> pa.Table:
+    return joined_train_rows[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def test_upstream_then_step_batch_builds_the_same_examples_as_make_batch(joined:
     assert prepared["text"].tolist() == rows.column("text").to_pylist()
     new_rng, old_rng = np.random.default_rng(seed), np.random.default_rng(seed)
     for _ in range(3):  # consecutive steps: the generators stay in step too
-        new = task.step_batch(prepared, new_rng)
+        new = task.step_batch(prepared, new_rng, None)
         old = task.make_batch(to_records(rows), old_rng, NegativePool(64, old_rng))
         assert new.keys() == old.keys()
         for key in old:
@@ -69,7 +67,7 @@ def test_masking_is_random_per_step_and_the_prepared_rows_are_untouched(joined: 
     prepared = build(joined.slice(0, 16), **kwargs)
     ids = prepared["input_ids"].copy()
     rng = np.random.default_rng(3)
-    first, second = task.step_batch(prepared, rng), task.step_batch(prepared, rng)
+    first, second = task.step_batch(prepared, rng, None), task.step_batch(prepared, rng, None)
     assert not np.array_equal(first["masked_pos"], second["masked_pos"])
     np.testing.assert_array_equal(prepared["input_ids"], ids)  # masking writes into a copy
     kept = first["masked_pos"] == 0

@@ -1,0 +1,116 @@
+"""Where a worker's negatives come from in a streaming setting (pretraining pollution, retrieval negatives).
+
+Each worker keeps the last `capacity` rows its shard delivered (the current batch included). The shard is a
+uniform shuffle of the corpus (block order randomised per epoch plus a local shuffle buffer), so a uniform draw
+from them is a draw of a random corpus document, as the original's `random.randint(0, len(dataset))`; like the
+original, a draw that hits the same image is retried (up to 10 draws in all).
+
+Two stores of the same rows: `NegativePool` holds joined rows as ImageRecords (tasks that build examples in the
+worker), `PreparedPool` holds the columns of a task's upstream stage (retrieval: each row's tokenised text and
+image sides) in preallocated arrays, so drawing and gathering B negatives is a few vectorised numpy calls. Both
+draw through `draw_others`, so the same rows and generator give the same negatives in either store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mengzi_ray.data.records import ImageRecord
+
+DRAWS = 10
+"""Draws per negative before a same-image row is accepted (the original retries, then gives up)."""
+
+
+def draw_others(pool_ids: np.ndarray, image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per query image id, an index into `pool_ids` (the pool's rows' image ids, oldest first) of a row of another
+    image: one uniform draw for every query, then redraws of the queries that hit their own image, DRAWS in all."""
+    if len(pool_ids) == 0:
+        raise ValueError("negative pool is empty: add the current batch before drawing")
+    picked = rng.integers(len(pool_ids), size=len(image_ids))
+    for _ in range(DRAWS - 1):
+        clash = np.flatnonzero(pool_ids[picked] == image_ids)
+        if clash.size == 0:
+            break
+        picked[clash] = rng.integers(len(pool_ids), size=clash.size)
+    return picked
+
+
+class NegativePool:
+    """The last `capacity` ImageRecords, in ring slots as `ArrayRing`'s (so `PreparedPool` draws the same rows);
+    `other(image_id)` draws a row of a different image."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.capacity = capacity
+        self.rows: list[ImageRecord] = []
+        self.image_ids = np.empty(capacity, dtype=object)
+        self._next = 0
+        self.rng = rng
+
+    def add(self, rows: Sequence[ImageRecord]) -> None:
+        for row in rows[len(rows) - min(len(rows), self.capacity) :]:
+            if len(self.rows) < self.capacity:
+                self.rows.append(row)
+            else:
+                self.rows[self._next] = row
+            self.image_ids[self._next] = row.image_id
+            self._next = (self._next + 1) % self.capacity
+
+    def other(self, image_id: str) -> ImageRecord:
+        return self.others([image_id])[0]
+
+    def others(self, image_ids: Sequence[str]) -> list[ImageRecord]:
+        """One row of a different image per id (`draw_others`)."""
+        picked = draw_others(self.image_ids[: len(self.rows)], np.array(image_ids, dtype=object), self.rng)
+        return [self.rows[int(i)] for i in picked]
+
+
+class ArrayRing:
+    """Preallocated (capacity, ...) numpy columns written as a ring: the last `capacity` rows added, in slots
+    `0..size-1` (slot order is not age order once the ring has wrapped). Columns are allocated on the first `add`
+    from its shapes and dtypes; np.zeros pages are only resident once written."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"ring capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.size = 0
+        self._next = 0
+        self.columns: dict[str, np.ndarray] = {}
+
+    def add(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Write rows (every column has the same leading length n), overwriting the oldest; the slots written."""
+        count = len(next(iter(columns.values())))
+        keep = min(count, self.capacity)
+        if not self.columns:
+            self.columns = {k: np.zeros((self.capacity, *np.shape(v)[1:]), dtype=np.asarray(v).dtype) for k, v in columns.items()}
+        slots = (self._next + np.arange(keep)) % self.capacity
+        for k, v in columns.items():
+            self.columns[k][slots] = np.asarray(v)[count - keep :]
+        self._next = int((self._next + keep) % self.capacity)
+        self.size = min(self.size + keep, self.capacity)
+        return slots
+
+
+class PreparedPool:
+    """The last `capacity` rows of an upstream stage's columns (`keys`, plus their `image_id`), for negatives.
+
+    Memory: capacity × the row's bytes, e.g. 4,096 retrieval rows of 50 padded regions of 2,054 floats ≈ 1.7 GB;
+    a NegativePool of the same rows holds their unpadded regions instead."""
+
+    def __init__(self, capacity: int, rng: np.random.Generator, keys: Sequence[str]):
+        self.ring = ArrayRing(capacity)
+        self.image_ids = np.empty(capacity, dtype=object)
+        self.rng = rng
+        self.keys = tuple(keys)
+
+    def add(self, prepared: Mapping[str, np.ndarray]) -> None:
+        slots = self.ring.add({k: prepared[k] for k in self.keys})
+        self.image_ids[slots] = np.asarray(prepared["image_id"], dtype=object)[len(prepared["image_id"]) - len(slots) :]
+
+    def others(self, image_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The `keys` columns of one pool row of a different image per id (`draw_others`), stacked (B, ...)."""
+        size = self.ring.size
+        picked = draw_others(self.image_ids[:size], np.asarray(image_ids, dtype=object), self.rng)
+        return {k: v[picked] for k, v in self.ring.columns.items()}
