@@ -274,6 +274,8 @@ class RetrievalSection(Section):
     add_od_labels: bool = True
     att_mask_type: Literal["CLR", "CL", "CR", "LR"] = "CLR"
     val_captions_per_image: int = Field(5, ge=1, description="texts per val image in the cross-image gallery")
+    negative_pool_size: int = Field(1024, ge=2, description="recent rows per worker that negatives are drawn from "
+                                    "(host memory: rows × max_img_seq_length × feature dim × 4 bytes, ~420 MB at 1024 × 50 × 2054)")
     dual_encoder: DualEncoderSection = DualEncoderSection()
 
 

@@ -7,7 +7,8 @@ original, a draw that hits the same image is retried (up to 10 draws in all).
 
 Two stores of the same rows: `NegativePool` holds joined rows as ImageRecords (tasks that build examples in the
 worker), `PreparedPool` holds the columns of a task's upstream stage (retrieval: each row's tokenised text and
-image sides) in preallocated arrays, so drawing and gathering B negatives is a few vectorised numpy calls. Both
+image sides) in preallocated arrays, so drawing B negatives and writing them beside their positives is a few
+vectorised numpy calls. Both
 draw through `draw_others`, so the same rows and generator give the same negatives in either store.
 """
 
@@ -96,8 +97,8 @@ class ArrayRing:
 class PreparedPool:
     """The last `capacity` rows of an upstream stage's columns (`keys`, plus their `image_id`), for negatives.
 
-    Memory: capacity × the row's bytes, e.g. 4,096 retrieval rows of 50 padded regions of 2,054 floats ≈ 1.7 GB;
-    a NegativePool of the same rows holds their unpadded regions instead."""
+    Memory: capacity × the row's bytes, e.g. 1,024 retrieval rows of 50 padded regions of 2,054 floats ≈ 420 MB
+    (a NegativePool of the same rows holds their unpadded regions instead)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator, keys: Sequence[str]):
         self.ring = ArrayRing(capacity)
@@ -109,8 +110,18 @@ class PreparedPool:
         slots = self.ring.add({k: prepared[k] for k in self.keys})
         self.image_ids[slots] = np.asarray(prepared["image_id"], dtype=object)[len(prepared["image_id"]) - len(slots) :]
 
-    def others(self, image_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """The `keys` columns of one pool row of a different image per id (`draw_others`), stacked (B, ...)."""
-        size = self.ring.size
-        picked = draw_others(self.image_ids[:size], np.asarray(image_ids, dtype=object), self.rng)
-        return {k: v[picked] for k, v in self.ring.columns.items()}
+    def draw(self, image_ids: np.ndarray) -> np.ndarray:
+        """Per id, the ring slot of a pool row of a different image (`draw_others`)."""
+        return draw_others(self.image_ids[: self.ring.size], np.asarray(image_ids, dtype=object), self.rng)
+
+    def with_negatives(self, own: np.ndarray, key: str, slots: np.ndarray, from_pool: np.ndarray) -> np.ndarray:
+        """(2B, ...): the B rows of `own` (a batch's column `key`), then for each row i the pool's row slots[i] where
+        from_pool[i], else own[i] again. Every row is written once: no concatenated or gathered temporaries, which
+        for 50 padded regions a row would be most of the step's data work."""
+        size = len(own)
+        out = np.empty((2 * size, *own.shape[1:]), dtype=own.dtype)
+        out[:size] = own
+        negatives = out[size:]
+        negatives[~from_pool] = own[~from_pool]
+        negatives[from_pool] = self.ring.columns[key][slots[from_pool]]
+        return out

@@ -44,7 +44,7 @@ from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 Batch = dict[str, np.ndarray]
 
 POOL_ROWS = 4096
-"""Recent rows a worker draws negatives from (pretraining: the card's pretrain.negative_pool_size)."""
+"""Recent rows a worker keeps for tasks whose card does not size the pool (pretraining and retrieval do)."""
 
 CAPTION_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "img_feats", "masked_pos", "masked_ids")
 """The tensors of a captioning training batch that OscarForCaptioning.forward takes."""
@@ -213,22 +213,19 @@ class RetrievalTask(Task):
         return prepare_retrieval_batch, {"tensorizer": self.sides}
 
     def negative_pool(self, rng: np.random.Generator) -> PreparedPool:
-        return PreparedPool(POOL_ROWS, rng, SIDE_COLUMNS)
+        return PreparedPool(self.card.retrieval.negative_pool_size, rng, SIDE_COLUMNS)
 
     def step_batch(self, prepared: Batch, rng: np.random.Generator, pool: PreparedPool) -> Batch:
         """`make_batch` from the upstream sides: the negatives' sides are gathered from the pool and every pair is
         composed at once (`DualEncoderTensorizer.cross_batch`)."""
         pool.add(prepared)
-        others = pool.others(prepared["image_id"])
-        size = len(prepared["image_id"])
-        own, swap_caption = np.arange(size), rng.random(size) < 0.5
-        # rows of [this batch's sides; the drawn rows' sides]: positives, then negatives
-        text_rows = np.concatenate([own, np.where(swap_caption, size + own, own)])
-        image_rows = np.concatenate([own, np.where(swap_caption, own, size + own)])
-        text = {k: np.concatenate([prepared[TEXT_PREFIX + k], others[TEXT_PREFIX + k]])[text_rows] for k in TEXT_KEYS}
-        image = {k: np.concatenate([prepared[IMAGE_PREFIX + k], others[IMAGE_PREFIX + k]])[image_rows] for k in IMAGE_KEYS}
+        slots = pool.draw(prepared["image_id"])
+        swap_caption = rng.random(len(slots)) < 0.5
+        # positives, then negatives: another image's caption (swap_caption) or another image, from the pool
+        text = {k: pool.with_negatives(prepared[TEXT_PREFIX + k], TEXT_PREFIX + k, slots, swap_caption) for k in TEXT_KEYS}
+        image = {k: pool.with_negatives(prepared[IMAGE_PREFIX + k], IMAGE_PREFIX + k, slots, ~swap_caption) for k in IMAGE_KEYS}
         batch = self.sides.cross_batch(text, image)
-        batch["labels"] = np.concatenate([np.ones(size, np.int64), np.zeros(size, np.int64)])
+        batch["labels"] = np.repeat(np.array([1, 0], dtype=np.int64), len(slots))
         if self.dual is not None:
             batch.update({k: np.asarray(prepared[k]) for k in (*SIDE_COLUMNS, KEY)})
         return batch
