@@ -14,7 +14,8 @@ model's size, not a per-step tax (a base-size one is ~1.4 GB of weights and Adam
 examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py). Both get the same
 compute: `--threads` (default: the machine's cores) torch threads in the plain loop, and as many CPUs reserved for
 the one Ray worker (Ray sets its OMP_NUM_THREADS to them; several workers share them), so the ratio is the Ray tax
-rather than one thread against all cores.
+rather than one thread against all cores. Each case runs `--repeats` times (default 3), Ray and the plain loop in
+turn, and the medians are compared: on a small shared machine one run of either moves by 10–20%.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(by_name), help=f"comma-separated cases to run, of {sorted(by_name)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the plain loop = CPUs (hence threads) of the one Ray worker, split among several")
+    parser.add_argument("--repeats", type=int, default=3, help="Ray and plain runs per case, in turn (medians reported)")
     args = parser.parse_args()
     unknown = sorted(set(args.cases.split(",")) - set(by_name))
     if unknown:
@@ -118,20 +121,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
-        results: dict[str, dict[str, float]] = {}
+        runs: dict[str, dict[str, list[float]]] = {}
         for case in cases:
-            init_local_ray(args.threads + 2)  # 2 for Ray Data
-            rates = {f"ray_{n}_worker{'s' if n > 1 else ''}": ray_samples_per_second(case, n, args.threads, data, root / "runs")
-                     for n in case.worker_counts}
-            ray.shutdown()
-            rates["plain_loop"] = plain_samples_per_second(case, args.threads, data, root / "runs" / f"bench-{case.name}-1" / "init")
-            results[case.name] = rates
-    rows = [[case, name, f"{v:.1f}", f"{v / r['plain_loop']:.2f}", f"{v / r['ray_1_worker']:.2f}"]
-            for case, r in results.items() for name, v in r.items()]
-    print_table(["model", "setup", "samples/s", "vs plain loop", "vs 1 worker"], rows)
-    settings = {"cases": [c.__dict__ for c in cases], "card": CARD.name, "threads": args.threads,
-                "measured": "between the first and the last validation report (steps every..steps), less validation_s"}
-    write_results(SCRIPT, torch.device("cpu"), commit, settings, results)
+            runs[case.name] = {}
+            for repeat in range(args.repeats):  # Ray, then the plain loop, in turn: machine drift hits both alike
+                init_local_ray(args.threads + 2)  # 2 for Ray Data
+                for n in case.worker_counts:
+                    name = f"ray_{n}_worker{'s' if n > 1 else ''}"
+                    rate = ray_samples_per_second(case, n, args.threads, data, root / f"runs{repeat}")
+                    runs[case.name].setdefault(name, []).append(rate)
+                ray.shutdown()
+                init_dir = root / f"runs{repeat}" / f"bench-{case.name}-1" / "init"
+                runs[case.name].setdefault("plain_loop", []).append(plain_samples_per_second(case, args.threads, data, init_dir))
+    results = {case: {name: statistics.median(rates) for name, rates in r.items()} for case, r in runs.items()}
+    rows = [[case, name, " / ".join(f"{x:.1f}" for x in runs[case][name]), f"{v:.1f}", f"{v / r['plain_loop']:.2f}",
+             f"{v / r['ray_1_worker']:.2f}"] for case, r in results.items() for name, v in r.items()]
+    print_table(["model", "setup", "samples/s per run", "median", "vs plain loop", "vs 1 worker"], rows)
+    settings = {"cases": [c.__dict__ for c in cases], "card": CARD.name, "threads": args.threads, "repeats": args.repeats,
+                "measured": "between the first and the last validation report (steps every..steps), less validation_s; "
+                            "medians of the repeats (per-run rates under runs)"}
+    write_results(SCRIPT, torch.device("cpu"), commit, settings, {**results, "runs": runs})
 
 
 if __name__ == "__main__":
