@@ -68,7 +68,7 @@ class Case:
 
 CASES = (
     Case("small", 256, 4, 4, 1024, per_worker=16, steps=180, every=60, worker_counts=(1, 2)),
-    Case("base", 768, 12, 12, 3072, per_worker=4, steps=30, every=10, worker_counts=(1,)),
+    Case("base", 768, 12, 12, 3072, per_worker=4, steps=60, every=20, worker_counts=(1,)),
 )
 
 
