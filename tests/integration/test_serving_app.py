@@ -282,7 +282,10 @@ def captioner_replicas() -> list[str]:
 
 def test_load_with_a_replica_killed(served, gallery_row):
     """300 requests at concurrency 16 (bench/bench_serve.py runs the full 2,000); one of the two captioner
-    replicas is killed a third of the way in: it is replaced, and every error is counted."""
+    replicas is killed a third of the way in: it is replaced, and every error is counted. The requests the replica
+    held are retried, except when it held just one: that one may be what killed it (serving/api.py `_call`), so it
+    gets a 503 JSON error. With one ingress replica that is at most one request; a CI run once killed the replica
+    between batches, holding a single request."""
     import ray
     from ray import serve
 
@@ -295,7 +298,7 @@ def test_load_with_a_replica_killed(served, gallery_row):
     report = run.wait()
     print("load report:", report.summary())
     assert report.ok + report.error_count == 300
-    assert report.error_count == 0, report.errors
+    assert set(report.errors) <= {"HTTP 503"} and report.error_count <= 1, report.errors
     for _ in range(240):  # the controller notices the dead replica and starts a new one (bounded wait)
         after = captioner_replicas()
         states = serve.status().applications[APP].deployments["Captioner"].replica_states
