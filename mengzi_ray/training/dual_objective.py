@@ -31,6 +31,7 @@ from mengzi_ray.inference.embedder import embed_sides
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.modeling.dual_encoder import contrastive_loss, distill_loss, hard_negatives, match_log_odds, rank_loss
 from mengzi_ray.training.card import DualEncoderSection
+from mengzi_ray.training.negatives import ArrayRing
 
 KEY = "dual_image_key"
 
@@ -83,28 +84,28 @@ class NegativeBank:
     capacity / B steps."""
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.size = 0
-        self._next = 0
-        self.sides: dict[str, np.ndarray] = {}
+        self.ring = ArrayRing(capacity)  # the sides; vectors and keys are written to the same slots
         self.vectors = torch.empty(0)
         self.keys = torch.empty(0, dtype=torch.int64)
 
+    @property
+    def size(self) -> int:
+        return self.ring.size
+
+    @property
+    def sides(self) -> dict[str, np.ndarray]:
+        return self.ring.columns
+
     def add(self, sides: dict[str, np.ndarray], vectors: torch.Tensor, keys: torch.Tensor) -> None:
         """Store a batch (sides (B, ...), vectors (B, dim), keys (B,)), overwriting the oldest rows when full."""
-        count = min(len(keys), self.capacity)
-        sides, vectors, keys = {k: v[-count:] for k, v in sides.items()}, vectors[-count:].detach().float(), keys[-count:]
-        if not self.sides:
-            self.sides = {k: np.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in sides.items()}
-            self.vectors = vectors.new_zeros((self.capacity, vectors.shape[1]))
-            self.keys = keys.new_zeros(self.capacity)
-        slots = (self._next + np.arange(count)) % self.capacity
-        for k, v in sides.items():
-            self.sides[k][slots] = v
+        count = min(len(keys), self.ring.capacity)
+        vectors, keys = vectors[-count:].detach().float(), keys[-count:]
+        if not self.ring.columns:
+            self.vectors = vectors.new_zeros((self.ring.capacity, vectors.shape[1]))
+            self.keys = keys.new_zeros(self.ring.capacity)
+        slots = self.ring.add(sides)
         self.vectors[torch.as_tensor(slots, device=vectors.device)] = vectors
         self.keys[torch.as_tensor(slots, device=keys.device)] = keys
-        self._next = int((self._next + count) % self.capacity)
-        self.size = min(self.size + count, self.capacity)
 
 
 class DualEncoderObjective:
