@@ -1,9 +1,11 @@
 """What the training worker spends per micro-batch to turn data into the model's batch, per task: before (joined
 Arrow rows → records → `make_batch`: tokenising and stacking in the worker) vs after (the task's upstream Ray Data
 stage has already tokenised; the worker runs `step_batch`: captioning masks, retrieval draws negatives and composes
-the pairs). The upstream stage's own cost is reported too: Ray Data runs it beside training, off the step.
+the pairs, pretraining pollutes, lays out and masks its pairs). The upstream stage's own cost is reported too: Ray
+Data runs it beside training, off the step.
 
-Oscar's layouts (captioning: 70 positions, 40 for the caption, 50 regions; retrieval: 70 positions, 50 regions) on
+Oscar's layouts (captioning: 70 positions, 40 for the caption, 50 regions; retrieval: 70 positions, 50 regions;
+pretraining: 35 positions, 50 regions) on
 the synthetic set, 16 rows per micro-batch, one process, no Ray, the three paths interleaved:
 
     .venv/bin/python bench/bench_worker_batches.py [--repeats 20]
@@ -23,7 +25,7 @@ from common import git_commit, interleaved_times, median, print_table, write_res
 from mengzi_ray.config import load_card
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.text import load_tokenizer
-from mengzi_ray.training.card import CaptionCard, RetrievalCard
+from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard
 from mengzi_ray.training.examples import _attach_texts, read_text_table, to_records
 from mengzi_ray.training.jobs import prepare_init
 from mengzi_ray.training.negatives import NegativePool, PreparedPool
@@ -38,6 +40,7 @@ TASKS = {
     "retrieval": (RetrievalCard, "retrieval_tiny.yaml", ["retrieval.max_seq_length=70", "retrieval.max_img_seq_length=50"]),
     "retrieval + dual encoder": (RetrievalCard, "retrieval_tiny.yaml", [
         "retrieval.max_seq_length=70", "retrieval.max_img_seq_length=50", "retrieval.dual_encoder.enabled=true"]),
+    "pretraining": (PretrainCard, "pretrain_tiny.yaml", ["pretrain.max_seq_length=35", "pretrain.max_img_seq_length=50"]),
 }
 
 

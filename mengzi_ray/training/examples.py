@@ -6,8 +6,9 @@ store, where every map task reads it zero-copy; the feature side (≈400 KB an i
 block and is never shuffled or held whole. The join holds no tokens, so one joined dataset feeds every layout; a
 task that builds its examples upstream (`Task.upstream`, training/tasks.py) adds a map stage after it
 (`prepare_caption_batch` for captioning: tokens, segments, padded regions and lengths as fixed-shape columns;
-`prepare_retrieval_batch` for retrieval: each row's text and image sides), so tokenisation overlaps training and
-workers receive ready arrays; pretraining and SCST tensorise joined rows in the worker.
+`prepare_retrieval_batch` for retrieval: each row's text and image sides; `prepare_pretrain_batch` for pretraining:
+each row's own text_a and text_b tokens and padded regions), so tokenisation overlaps training and workers receive
+ready arrays; SCST tensorises joined rows in the worker.
 
 Driver-side checks (`check_data`) find missing datasets, wrong feature dims and orphan texts before any worker
 starts; they read only Parquet schemas and the image_id column.
@@ -26,6 +27,7 @@ from mengzi_ray import storage
 from mengzi_ray.config import ConfigError
 from mengzi_ray.data.captioning import CaptionTensorizer
 from mengzi_ray.data.dual_encoder import DualEncoderTensorizer
+from mengzi_ray.data.pretraining import PretrainTensorizer
 from mengzi_ray.data.records import ImageRecord, read_text_rows
 from mengzi_ray.features.layout import features_dim, region_arrays_of
 from mengzi_ray.text import tag_string
@@ -170,6 +172,16 @@ def prepare_retrieval_batch(batch: pa.Table, tensorizer: DualEncoderTensorizer) 
     records = to_records(batch)
     prepared = tensorizer.sides_batch([r.texts[0] for r in records], [r.od_labels for r in records], [r.features for r in records])
     prepared[KEY] = image_keys([r.image_id for r in records])
+    return _with_ids(prepared, records)
+
+
+def prepare_pretrain_batch(batch: pa.Table, tensorizer: PretrainTensorizer) -> dict[str, np.ndarray]:
+    """Ray Data map stage of pretraining: a joined batch (one text per row) → each row's own text_a and text_b
+    tokenised and its regions padded (`PretrainTensorizer.prepare_batch`: data.pretraining.PREPARED_KEYS) and the
+    `image_id` and `text` columns. The training worker pollutes, lays out and masks the pairs
+    (`PretrainTask.step_batch`)."""
+    records = to_records(batch)
+    prepared = tensorizer.prepare_batch([r.texts[0] for r in records], [r.text_b(0) for r in records], [r.features for r in records])
     return _with_ids(prepared, records)
 
 

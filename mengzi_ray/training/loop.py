@@ -3,8 +3,8 @@
 Per optimizer step: `accumulation` micro-batches of `per_worker_batch_size` rows from this worker's shard
 (DDP gradient sync only on the last), then clip, AdamW step and the warmup-linear scheduler; precision, fused AdamW,
 gradient checkpointing and torch.compile come from the card's optim section (training/step.py). A task with an
-upstream stage (Task.upstream: captioning, retrieval) gets ready numpy columns and only does the per-step part
-(`step_batch`: masking, negatives); the others tensorise joined records in the worker (`make_batch`).
+upstream stage (Task.upstream: captioning, retrieval, pretraining) gets ready numpy columns and only does the per-step part
+(`step_batch`: masking, negatives, pollution); SCST tensorises joined records in the worker (`make_batch`).
 Every `validation.every_steps` steps (and at the end) rank 0 validates and every rank calls `ray.train.report`
 (a barrier); every `checkpoint_every` steps rank 0 attaches a full-state checkpoint:
 

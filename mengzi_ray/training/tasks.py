@@ -3,15 +3,16 @@ loss, and validation. One class per task; `task_for(card)` picks it. No Ray here
 
 Negatives (pretraining pollution, retrieval negatives) come from the worker's recent rows (training/negatives.py).
 
-Captioning and retrieval build their examples upstream of the trainer (`upstream`: a Ray Data map stage that
-tokenises; captioning: tokens, segments, padded regions and lengths; retrieval: each row's text and image sides)
-and only do per step what must be per step, vectorised (`step_batch`: captioning masks, retrieval draws negatives
-and composes the cross-encoder's pairs from the sides); pretraining and SCST tensorise joined rows in the worker
-(`make_batch`). `make_batch` stays the per-row reference of the upstream tasks: the same rows, pool and generator
-give the same examples either way (tests/unit). The dice that decides *whether* to pollute is per example and
-unchanged (`data.pretraining.pollute`: u > 0.5 matched, u > texta_false_prob swap text_b, else swap text_a), so
-the 0.5 / 0.25 / 0.25 split of the original holds exactly; only the population negatives come from is the recent
-part of the stream rather than the whole corpus.
+Captioning, retrieval and pretraining build their examples upstream of the trainer (`upstream`: a Ray Data map
+stage that tokenises; captioning: tokens, segments, padded regions and lengths; retrieval: each row's text and
+image sides; pretraining: each row's own text_a and text_b tokens and padded regions) and only do per step what
+must be per step, vectorised (`step_batch`: captioning masks; retrieval draws negatives and composes the
+cross-encoder's pairs from the sides; pretraining pollutes, lays out and masks its pairs); SCST tensorises joined
+rows in the worker (`make_batch`). `make_batch` stays the per-row reference of the upstream tasks: the same rows,
+pool and generator give the same examples either way (tests/unit). Pretraining's dice that decides *whether* to
+pollute is the original's (`data.pretraining.pollution_plan`: u > 0.5 matched, u > texta_false_prob swap text_b,
+else swap text_a), so the 0.5 / 0.25 / 0.25 split holds exactly; only the population negatives come from is the
+recent part of the stream rather than the whole corpus.
 """
 
 from __future__ import annotations
@@ -26,18 +27,19 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
-from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pretrain_pair
+from mengzi_ray.data.pretraining import PREPARED_KEYS, TEXT_COLUMNS, Pollution, PretrainLayout, PretrainTensorizer, pollution_plan
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.data.dual_encoder import IMAGE_KEYS, IMAGE_PREFIX, SIDE_COLUMNS, TEXT_KEYS, TEXT_PREFIX, DualEncoderTensorizer
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer
 from mengzi_ray.evaluation import score_captions
 from mengzi_ray.evaluation.retrieval_metrics import retrieval_recall
 from mengzi_ray.modeling.config import OscarConfig
+from mengzi_ray.text import caption_tokens
 from mengzi_ray.modeling import OscarForCaptioning, OscarForPretraining, OscarForRetrieval
 from mengzi_ray.inference import Captioner, MatchScorer, collate
 from mengzi_ray.training.card import CaptionCard, PretrainCard, RetrievalCard, TrainCard
 from mengzi_ray.training.dual_objective import KEY, DualEncoderObjective
-from mengzi_ray.training.examples import prepare_caption_batch, prepare_retrieval_batch
+from mengzi_ray.training.examples import prepare_caption_batch, prepare_pretrain_batch, prepare_retrieval_batch
 from mengzi_ray.training.negatives import NegativePool, PreparedPool
 from mengzi_ray.training.optim import CAPTION_NO_DECAY, PRETRAIN_NO_DECAY
 
@@ -266,39 +268,70 @@ class PretrainTask(Task):
     def config_overrides(self) -> dict[str, Any]:
         return {**super().config_overrides(), "num_contrast_classes": self.layout.num_contrast_classes}
 
-    def negative_pool(self, rng: np.random.Generator) -> NegativePool:
-        return NegativePool(self.card.pretrain.negative_pool_size, rng)
-
-    def _examples(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> list[Batch]:
-        out = []
-        for r in rows:
-
-            def other(image_id: str = r.image_id) -> tuple[str, str]:
-                row = pool.other(image_id)
-                return row.texts[0], row.text_b(0)
-
-            text_a, text_b, label = pretrain_pair(
-                r.texts[0], r.text_b(0), rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
-                other, self.card.pretrain.textb_sample_mode,
-            )
-            out.append(self.tz.example(text_a, text_b, label, r.features, rng))
-        return out
+    def _pollution(self, has_text_b: np.ndarray, rng: np.random.Generator) -> Pollution:
+        return pollution_plan(has_text_b, rng, self.layout.texta_false_prob, self.layout.num_contrast_classes,
+                              self.card.pretrain.textb_sample_mode)
 
     def make_batch(self, rows: Sequence[ImageRecord], rng: np.random.Generator, pool: NegativePool) -> Batch:
-        return _stack(self._examples(rows, rng, pool))
+        """Per row: the pollution dice for the batch (`pollution_plan`), one other document per polluted row
+        (`pool.others`), then each pair's strings tensorised on its own (`PretrainTensorizer.example`)."""
+        has_b = np.array([bool(caption_tokens(self.tokenizer, r.text_b(0))) for r in rows], dtype=bool)
+        plan = self._pollution(has_b, rng)
+        polluted = np.flatnonzero(plan.polluted)
+        others = dict(zip(polluted.tolist(), pool.others([rows[i].image_id for i in polluted])))
+        examples = []
+        for i, r in enumerate(rows):
+            text_a, text_b = r.texts[0], r.text_b(0)
+            if plan.swap_a[i]:
+                text_a = others[i].texts[0]
+            elif plan.swap_b[i]:
+                text_b = others[i].texts[0] if plan.b_is_other_a[i] else others[i].text_b(0)
+            examples.append(self.tz.example(text_a, text_b, int(plan.labels[i]), r.features, rng))
+        return _stack(examples)
+
+    def upstream(self) -> tuple[Callable[..., Batch], dict[str, Any]] | None:
+        return prepare_pretrain_batch, {"tensorizer": self.tz}
+
+    def negative_pool(self, rng: np.random.Generator) -> PreparedPool:
+        return PreparedPool(self.card.pretrain.negative_pool_size, rng, TEXT_COLUMNS)
+
+    def step_batch(self, prepared: Batch, rng: np.random.Generator, pool: PreparedPool) -> Batch:
+        """`make_batch` from the upstream columns: adds them to the pool, then `_polluted_batch`."""
+        pool.add(prepared)
+        return self._polluted_batch(prepared, rng, pool)
+
+    def _polluted_batch(self, prepared: Batch, rng: np.random.Generator, pool: PreparedPool) -> Batch:
+        """The pollution dice, the polluted sides gathered from the pool's token arrays, then every pair laid out
+        and masked at once (`PretrainTensorizer.compose_batch`)."""
+        plan = self._pollution(np.asarray(prepared["text_b_len"]) > 0, rng)
+        slots = np.zeros(len(plan.labels), dtype=np.int64)
+        slots[plan.polluted] = pool.draw(np.asarray(prepared["image_id"])[plan.polluted])
+        columns = {k: np.asarray(prepared[k]) for k in PREPARED_KEYS}
+        for part in ("_ids", "_len"):
+            other_a, other_b = (pool.ring.columns[side + part][slots] for side in ("text_a", "text_b"))
+            other_b = np.where(_per_row(plan.b_is_other_a, other_a), other_a, other_b)
+            for side, swap, other in (("text_a", plan.swap_a, other_a), ("text_b", plan.swap_b, other_b)):
+                columns[side + part] = np.where(_per_row(swap, other), other, columns[side + part])
+        return self.tz.compose_batch(columns, plan.labels, rng)
 
     @torch.no_grad()
     def validate(self, model: OscarForPretraining, val_rows: Sequence[ImageRecord]) -> dict[str, float]:
-        """Fixed-seed pollution and masking of every val text: val_loss (MLM + contrastive), val_mlm_acc."""
+        """Fixed-seed pollution and masking of every val text (negatives from the other val texts' sides):
+        val_loss (MLM + contrastive), val_mlm_acc."""
         device = next(model.parameters()).device
         rng = np.random.default_rng(0)
-        pool = NegativePool(len(val_rows), rng)
-        pool.add(val_rows)
-        rows = [ImageRecord(r.image_id, r.features, r.od_labels, [t], [r.texts_b[i]] if r.texts_b else None)
-                for r in val_rows for i, t in enumerate(r.texts)]
+        texts = [(r, t, r.text_b(i)) for r in val_rows for i, t in enumerate(r.texts)]
+        image_ids = np.array([r.image_id for r, _, _ in texts], dtype=object)
+        pool = PreparedPool(max(1, len(texts)), rng, TEXT_COLUMNS)
+        pool.add({**self.tz.text_sides([t for _, t, _ in texts], [b for _, _, b in texts]), "image_id": image_ids})
         model.eval()
         losses, hits, targets = [], 0, 0
-        for b in self._batches(self._examples(rows, rng, pool), device):
+        size = self.card.validation.batch_size
+        for start in range(0, len(texts), size):
+            chunk = texts[start : start + size]
+            prepared = self.tz.prepare_batch([t for _, t, _ in chunk], [b for _, _, b in chunk], [r.features for r, _, _ in chunk])
+            prepared["image_id"] = image_ids[start : start + size]
+            b = {k: torch.as_tensor(v).to(device) for k, v in self._polluted_batch(prepared, rng, pool).items()}
             out = model(**b)
             labels = b["masked_lm_labels"]
             keep = labels != -1
@@ -321,6 +354,11 @@ def task_for(card: TrainCard, tokenizer: PreTrainedTokenizerBase) -> Task:
     if isinstance(card, PretrainCard):
         return PretrainTask(card, tokenizer)
     raise TypeError(f"no training task for {type(card).__name__}")
+
+
+def _per_row(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A (B,) row mask shaped to broadcast against `like` (B, ...)."""
+    return mask.reshape(-1, *[1] * (like.ndim - 1))
 
 
 def _stack(examples: list[Batch]) -> Batch:

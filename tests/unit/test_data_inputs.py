@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mengzi_ray.data.captioning import CaptionLayout, CaptionTensorizer
-from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pollute, truncate_pair
+from mengzi_ray.data.pretraining import PretrainLayout, PretrainTensorizer, pair_lengths, pollution_plan
 from mengzi_ray.data.retrieval import RetrievalLayout, RetrievalTensorizer, negative_pair
 from mengzi_ray.text import load_tokenizer
 from tests.conftest import TINY_VOCAB
@@ -87,17 +87,15 @@ def test_bad_caption_inputs(tokenizer) -> None:
 
 
 def test_pollution_split_is_half_quarter_quarter() -> None:
-    rng = np.random.default_rng(0)
-    labels = [pollute("a", "b", rng, 0.25, 3, lambda: "A", lambda: "B")[2] for _ in range(8000)]
-    freq = np.bincount(labels, minlength=3) / len(labels)
+    plan = pollution_plan(np.ones(8000, dtype=bool), np.random.default_rng(0), 0.25, 3)
+    freq = np.bincount(plan.labels, minlength=3) / len(plan.labels)
     np.testing.assert_allclose(freq, [0.5, 0.25, 0.25], atol=0.02)
-    assert pollute("a", "", np.random.default_rng(3), 0.25, 3, lambda: "A", lambda: "B")[:2] in (("a", ""), ("A", ""))
+    no_b = pollution_plan(np.zeros(8000, dtype=bool), np.random.default_rng(3), 0.25, 3)
+    assert not no_b.swap_b.any() and set(no_b.labels.tolist()) == {0, 2}  # nothing to swap: text_a goes instead
 
 
 def test_pretrain_example_layout(tokenizer) -> None:
-    a, b = list("1234567"), list("abc")
-    truncate_pair(a, b, 6)
-    assert (a, b) == (list("123"), list("abc"))
+    assert [v.tolist() for v in pair_lengths(np.array([7]), np.array([3]), 6)] == [[3], [3]]
     tz = PretrainTensorizer(tokenizer, PretrainLayout(max_seq_length=10, max_img_seq_length=2, img_feature_dim=D, mlm_prob=0.0))
     ex = tz.example("红的圆", "方", 2, np.ones((1, D)), np.random.default_rng(0))
     assert ex["input_ids"].tolist() == [ID["[CLS]"], ID["红"], ID["的"], ID["圆"], ID["[SEP]"], ID["方"], ID["[SEP]"], 0, 0, 0]

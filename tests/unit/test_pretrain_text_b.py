@@ -9,40 +9,33 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from mengzi_ray.data.pretraining import pretrain_pair
+from mengzi_ray.data.pretraining import pollution_plan
 from mengzi_ray.data.records import ImageRecord
 from mengzi_ray.training.examples import _attach_texts, to_records
 
-QA = ("图里有什么？", "狗 草地")  # a question row: text_b = its answers
-OTHER = ("一只猫在沙发上。", "猫 沙发")  # the other document drawn for pollution
-
 
 def test_first_draws_against_hand_computed_labels() -> None:
-    # default_rng(0).random() gives 0.637, 0.270, 0.041, 0.017, 0.813: matched, text_b swapped, text_a swapped ×2,
-    # matched (texta_false_prob 0.25, 3 classes; mode 1 draws nothing extra)
-    rng = np.random.default_rng(0)
-    got = [pretrain_pair(*QA, rng, 0.25, 3, lambda: OTHER, textb_sample_mode=1) for _ in range(5)]
-    assert got == [(QA[0], QA[1], 0), (QA[0], OTHER[1], 1), (OTHER[0], QA[1], 2), (OTHER[0], QA[1], 2),
-                   (QA[0], QA[1], 0)]
+    # default_rng(0).random(5) gives 0.637, 0.270, 0.041, 0.017, 0.813: matched, text_b swapped, text_a swapped ×2,
+    # matched (texta_false_prob 0.25, 3 classes); a pair without text_b swaps text_a instead of text_b
+    plan = pollution_plan(np.ones(5, dtype=bool), np.random.default_rng(0), 0.25, 3)
+    assert plan.labels.tolist() == [0, 1, 2, 2, 0]
+    assert plan.swap_b.tolist() == [False, True, False, False, False]
+    assert plan.swap_a.tolist() == [False, False, True, True, False]
+    assert not plan.b_is_other_a.any()  # mode 1: always the other document's text_b
+    no_b = pollution_plan(np.array([True, False, True, True, True]), np.random.default_rng(0), 0.25, 3)
+    assert no_b.labels.tolist() == [0, 2, 2, 2, 0] and no_b.polluted.tolist() == [False, True, True, True, False]
 
 
 def test_label_distribution_and_text_b_sources_on_a_fixed_seed() -> None:
-    rng = np.random.default_rng(1)
     n = 40_000
-    labels, swapped_b = Counter(), Counter()
-    for _ in range(n):
-        a, b, label = pretrain_pair(*QA, rng, 0.25, 3, lambda: OTHER, textb_sample_mode=0)
-        labels[label] += 1
-        if label == 1:
-            swapped_b["text_a" if b == OTHER[0] else "text_b"] += 1
-        else:
-            assert b == QA[1]  # matched and text_a-swapped pairs keep the row's own answers
+    plan = pollution_plan(np.ones(n, dtype=bool), np.random.default_rng(1), 0.25, 3, textb_sample_mode=0)
+    labels = Counter(plan.labels.tolist())
     assert abs(labels[0] / n - 0.5) < 0.01 and abs(labels[1] / n - 0.25) < 0.01 and abs(labels[2] / n - 0.25) < 0.01
-    # mode 0: a random line of the other document, text_a or text_b with p = 0.5
-    assert abs(swapped_b["text_a"] / labels[1] - 0.5) < 0.02
-    # 2-way (texta_false_prob 0): labels 0 and 1 only, 1 = text_a swapped
-    two = Counter(pretrain_pair(*QA, rng, 0.0, 2, lambda: OTHER)[2] for _ in range(2000))
-    assert set(two) == {0, 1}
+    # mode 0: a random line of the other document, text_a or text_b with p = 0.5; only swapped text_b uses the coin
+    assert abs(plan.b_is_other_a[plan.swap_b].mean() - 0.5) < 0.02 and not plan.b_is_other_a[~plan.swap_b].any()
+    # 2-way (texta_false_prob 0): labels 0 and 1 only; a polluted pair then has its text_b swapped
+    two = pollution_plan(np.ones(2000, dtype=bool), np.random.default_rng(2), 0.0, 2)
+    assert set(two.labels.tolist()) == {0, 1} and (two.swap_b == (two.labels == 1)).all() and not two.swap_a.any()
 
 
 def test_corpus_rows_keep_their_text_b_through_the_join() -> None:

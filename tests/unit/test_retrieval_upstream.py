@@ -10,24 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mengzi_ray.config import load_card
 from mengzi_ray.data.dual_encoder import SIDE_COLUMNS
-from mengzi_ray.text import load_tokenizer
 from mengzi_ray.training.card import RetrievalCard
 from mengzi_ray.training.dual_objective import KEY, image_keys
-from mengzi_ray.training.examples import to_records
-from mengzi_ray.training.jobs import prepare_init
-from mengzi_ray.training.negatives import NegativePool, PreparedPool, draw_others
-from mengzi_ray.training.tasks import RetrievalTask, task_for
-
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
+from mengzi_ray.training.negatives import draw_others
+from mengzi_ray.training.tasks import RetrievalTask
+from tests.upstream_steps import first_rows_prepared, step_batches_equal_make_batch, task_from_card
 
 
 def make_task(data: Path, root: Path, extra: list[str]) -> RetrievalTask:
-    card = load_card(RetrievalCard, JOBS / "retrieval_tiny.yaml",
-                     [f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={root}", *extra])
-    init_dir, _ = prepare_init(card, str(root / "run"))
-    return task_for(card, load_tokenizer(init_dir))
+    return task_from_card(RetrievalCard, "retrieval_tiny.yaml", data, root, extra)
 
 
 @pytest.mark.parametrize("extra", [
@@ -40,33 +32,17 @@ def make_task(data: Path, root: Path, extra: list[str]) -> RetrievalTask:
 def test_upstream_then_step_batch_builds_the_same_examples_as_make_batch(joined_train_rows, tmp_path: Path, extra: list[str]) -> None:
     data, joined = joined_train_rows
     task = make_task(data, tmp_path, extra)
+    batches = step_batches_equal_make_batch(task, joined, SIDE_COLUMNS, steps=5)  # five steps wrap the 20-row pool
+    assert batches[-1]["labels"].tolist() == [1] * 8 + [0] * 8
     build, kwargs = task.upstream()
-    new_rng, old_rng = np.random.default_rng(7), np.random.default_rng(7)
-    new_pool, old_pool = PreparedPool(20, new_rng, SIDE_COLUMNS), NegativePool(20, old_rng)
-    for start in range(0, 40, 8):  # five steps of 8 rows through a 20-row pool: it wraps
-        rows = joined.slice(start % (joined.num_rows - 8), 8)
-        prepared = build(rows, **kwargs)
-        assert prepared["image_id"].tolist() == rows.column("image_id").to_pylist()
-        assert prepared[KEY].tolist() == image_keys(rows.column("image_id").to_pylist()).tolist()
-        records = to_records(rows)
-        new = task.step_batch(prepared, new_rng, new_pool)
-        old_pool.add(records)
-        old = task.make_batch(records, old_rng, old_pool)
-        assert new.keys() == old.keys()
-        for key in old:
-            assert new[key].dtype == old[key].dtype, key
-            np.testing.assert_array_equal(new[key], old[key], err_msg=key)
-    assert new_rng.bit_generator.state == old_rng.bit_generator.state
-    assert new["labels"].tolist() == [1] * 8 + [0] * 8
+    rows = joined.slice(0, 8)
+    assert build(rows, **kwargs)[KEY].tolist() == image_keys(rows.column("image_id").to_pylist()).tolist()
 
 
 def test_negatives_are_of_other_images_and_both_kinds_of_swap_occur(joined_train_rows, tmp_path: Path) -> None:
     data, joined = joined_train_rows
     task = make_task(data, tmp_path, [])
-    build, kwargs = task.upstream()
-    rng = np.random.default_rng(0)
-    pool = task.negative_pool(rng)
-    prepared = build(joined.slice(0, 16), **kwargs)
+    prepared, rng, pool = first_rows_prepared(task, joined)
     swapped_caption = swapped_image = 0
     for _ in range(20):
         batch = task.step_batch(prepared, rng, pool)
