@@ -8,7 +8,8 @@ single-process PyTorch loop (the Ray overhead), at two sizes of jobs/caption_tin
 Ray runs report a wall-clock time at every validation; samples/s is measured between the first and the last
 report (startup, the first data-pipeline pass and the final export are excluded), less the validation time the
 reports record (`validation_s`: greedy decoding of the 2 val images and their loss; the plain loop validates
-nothing). The report barriers stay in. The full-state checkpoint is written only at the last step (after the
+nothing). The share of that window the worker spent blocked on its input (the reports' `data_wait_s`) is reported
+beside it: near 0, the Ray Data pipeline keeps up and the tax is elsewhere. The report barriers stay in. The full-state checkpoint is written only at the last step (after the
 last report's clock reading): the plain loop writes none, and a checkpoint's cost is the card's cadence times the
 model's size, not a per-step tax (a base-size one is ~1.4 GB of weights and Adam moments). The plain loop is `caption_local.train_captioner` (one process,
 examples tensorised in the loop, no Ray Data, no DDP) with the same step (training/step.py). Both get the same
@@ -72,8 +73,9 @@ CASES = (
 )
 
 
-def ray_samples_per_second(case: Case, workers: int, threads: int, data: Path, root: Path) -> float:
-    """Each worker reserves threads // workers CPUs (Ray gives it that many torch threads: OMP_NUM_THREADS)."""
+def ray_samples_per_second(case: Case, workers: int, threads: int, data: Path, root: Path) -> tuple[float, float]:
+    """(samples/s, share of the measured window rank 0 spent waiting on its input: the reports' data_wait_s).
+    Each worker reserves threads // workers CPUs (Ray gives it that many torch threads: OMP_NUM_THREADS)."""
     card = load_card(CaptionCard, CARD, [f"scaling.cpus_per_worker={max(1, threads // workers)}",
         f"data.features={data}/features", f"data.text={data}/text.jsonl", f"run.storage_path={root}",
         f"run.name=bench-{case.name}-{workers}", f"scaling.num_workers={workers}",
@@ -85,7 +87,9 @@ def ray_samples_per_second(case: Case, workers: int, threads: int, data: Path, r
     history = [json.loads(line) for line in (root / card.run.name / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
     validating = sum(h["validation_s"] for h in history[:-1])  # rank 0 validates after each report's clock reading
-    return (last["step"] - first["step"]) * case.per_worker * workers / (last["wall_time"] - first["wall_time"] - validating)
+    window = last["wall_time"] - first["wall_time"] - validating
+    waited = sum(h["data_wait_s"] for h in history[1:])
+    return (last["step"] - first["step"]) * case.per_worker * workers / window, waited / window
 
 
 def plain_samples_per_second(case: Case, threads: int, data: Path, init_dir: Path) -> float:
@@ -122,14 +126,16 @@ def main() -> None:
         root = Path(tmp)
         data = write_synthetic_dataset(root / "syn", num_train=200, num_val=4).root
         runs: dict[str, dict[str, list[float]]] = {}
+        data_wait: dict[str, dict[str, list[float]]] = {}
         for case in cases:
-            runs[case.name] = {}
+            runs[case.name], data_wait[case.name] = {}, {}
             for repeat in range(args.repeats):  # Ray, then the plain loop, in turn: machine drift hits both alike
                 init_local_ray(args.threads + 2)  # 2 for Ray Data
                 for n in case.worker_counts:
                     name = f"ray_{n}_worker{'s' if n > 1 else ''}"
-                    rate = ray_samples_per_second(case, n, args.threads, data, root / f"runs{repeat}")
+                    rate, waited = ray_samples_per_second(case, n, args.threads, data, root / f"runs{repeat}")
                     runs[case.name].setdefault(name, []).append(rate)
+                    data_wait[case.name].setdefault(name, []).append(waited)
                 ray.shutdown()
                 init_dir = root / f"runs{repeat}" / f"bench-{case.name}-1" / "init"
                 runs[case.name].setdefault("plain_loop", []).append(plain_samples_per_second(case, args.threads, data, init_dir))
@@ -137,10 +143,12 @@ def main() -> None:
     rows = [[case, name, " / ".join(f"{x:.1f}" for x in runs[case][name]), f"{v:.1f}", f"{v / r['plain_loop']:.2f}",
              f"{v / r['ray_1_worker']:.2f}"] for case, r in results.items() for name, v in r.items()]
     print_table(["model", "setup", "samples/s per run", "median", "vs plain loop", "vs 1 worker"], rows)
+    print("share of the Ray window spent waiting on input: " + "; ".join(
+        f"{case} {name} " + " / ".join(f"{w:.3f}" for w in waits) for case, r in data_wait.items() for name, waits in r.items()))
     settings = {"cases": [c.__dict__ for c in cases], "card": CARD.name, "threads": args.threads, "repeats": args.repeats,
                 "measured": "between the first and the last validation report (steps every..steps), less validation_s; "
                             "medians of the repeats (per-run rates under runs)"}
-    write_results(SCRIPT, torch.device("cpu"), commit, settings, {**results, "runs": runs})
+    write_results(SCRIPT, torch.device("cpu"), commit, settings, {**results, "runs": runs, "data_wait_share": data_wait})
 
 
 if __name__ == "__main__":

@@ -203,13 +203,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pool = task.negative_pool(rng)
     accumulation = card.accumulation_steps
     recent: list[float] = []
+    waited = 0.0  # seconds blocked on the input pipeline since the last report
     resumed_from = state.step
     while state.step < card.schedule.max_steps:
         model.train()
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for i in range(accumulation):
+            begin = time.perf_counter()
             rows = next(batches)
+            waited += time.perf_counter() - begin
             if card.fault_drill and card.fault_drill.log_ids:
                 _log_ids(config["run_dir"], rank, state, rows)
             if isinstance(rows, dict):
@@ -236,8 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {
             "step": state.step, "train_loss": float(np.mean(recent)), "lr": scheduler.get_last_lr()[0], "resumed_from": resumed_from,
             "wall_time": time.time(),  # seconds since the epoch: throughput between reports (bench_train_ray)
+            "data_wait_s": waited,  # input-bound when this nears the time between reports
         }
-        recent = []
+        recent, waited = [], 0.0
         if rank == 0:
             begin = time.perf_counter()
             metrics.update(task.validate(core, val_rows))

@@ -36,6 +36,9 @@ def test_task_runs_on_ray_train(ray_local, tmp_path: Path, cls, name: str, model
     run = tmp_path / "runs" / card.run.name
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 40 and [h["step"] for h in history] == [20, 40]
+    # seconds blocked on the input since the last report: part of the interval between reports
+    assert all(h["data_wait_s"] >= 0 for h in history)
+    assert history[1]["data_wait_s"] < history[1]["wall_time"] - history[0]["wall_time"]
     for key in metrics:
         assert np.isfinite(history[-1][key]), key
     if cls is RetrievalCard:
