@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -102,7 +101,6 @@ def main() -> None:
     if args.pairs_images < 4 * PAIRS_SMALL:
         parser.error(f"--pairs-images must be >= {4 * PAIRS_SMALL}: the steady rate subtracts a start-up run of that size")
     commit = git_commit()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]  # machine_info records it again at the end
     device = pick_device()
     torch.set_num_threads(1)  # the baseline gets what one 1-CPU actor gets
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +134,7 @@ def main() -> None:
     print(f"\nRay Data steady per-pair cost 2N / N: {flat:.2f} (start-up: {startup_s:.1f} s for {PAIRS_SMALL} images)")
     settings = {"images": args.images, "pairs_small": PAIRS_SMALL, "pairs_images": args.pairs_images, "num_beams": NUM_BEAMS,
                 "caption_batch": CAPTION_BATCH, "pair_batch": PAIR_BATCH, "pair_chunk": PAIR_CHUNK, "threads": 1,
-                "model": "hidden 128, 2 layers, random init", "ray_num_cpus": 4, "loadavg_at_start": load_at_start}
+                "model": "hidden 128, 2 layers, random init", "ray_num_cpus": 4}
     path = write_results(SCRIPT, device, commit, settings, {"caption": caption, "pairs": pairs, "per_pair_2n_over_n": flat})
     print(f"written {path}")
 

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOADAVG_AT_START = [round(x, 2) for x in os.getloadavg()]
+"""The load average when the bench imported this module, before it ran anything: the figure that says whether the
+machine was idle (the end-of-run `loadavg` includes the bench's own load)."""
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,7 +90,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Core count, platform, torch version, threads, device, and the 1/5/15-min load average (others' load skews)."""
+    """Core count, platform, torch version, threads, device, and the 1/5/15-min load average at the bench's start and
+    now (others' load skews)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "nproc": os.cpu_count(),
@@ -97,6 +101,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
         "device_name": name,
+        "loadavg_at_start": LOADAVG_AT_START,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 

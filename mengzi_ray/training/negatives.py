@@ -25,7 +25,7 @@ DRAWS = 10
 
 
 def draw_others(pool_ids: np.ndarray, image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per query image id, an index into `pool_ids` (the pool's rows' image ids, oldest first) of a row of another
+    """Per query image id, an index into `pool_ids` (the pool's rows' image ids, in ring-slot order) of a row of another
     image: one uniform draw for every query, then redraws of the queries that hit their own image, DRAWS in all."""
     if len(pool_ids) == 0:
         raise ValueError("negative pool is empty: add the current batch before drawing")
@@ -39,32 +39,25 @@ def draw_others(pool_ids: np.ndarray, image_ids: np.ndarray, rng: np.random.Gene
 
 
 class NegativePool:
-    """The last `capacity` ImageRecords, in ring slots as `ArrayRing`'s (so `PreparedPool` draws the same rows);
+    """The last `capacity` ImageRecords in an `ArrayRing` (the slots `PreparedPool` uses, so both draw the same rows);
     `other(image_id)` draws a row of a different image."""
 
     def __init__(self, capacity: int, rng: np.random.Generator):
-        self.capacity = capacity
-        self.rows: list[ImageRecord] = []
-        self.image_ids = np.empty(capacity, dtype=object)
-        self._next = 0
+        self.ring = ArrayRing(capacity)
         self.rng = rng
 
     def add(self, rows: Sequence[ImageRecord]) -> None:
-        for row in rows[len(rows) - min(len(rows), self.capacity) :]:
-            if len(self.rows) < self.capacity:
-                self.rows.append(row)
-            else:
-                self.rows[self._next] = row
-            self.image_ids[self._next] = row.image_id
-            self._next = (self._next + 1) % self.capacity
+        records = np.empty(len(rows), dtype=object)
+        records[:] = list(rows)
+        self.ring.add({"record": records, "image_id": np.array([r.image_id for r in rows], dtype=object)})
 
     def other(self, image_id: str) -> ImageRecord:
         return self.others([image_id])[0]
 
     def others(self, image_ids: Sequence[str]) -> list[ImageRecord]:
         """One row of a different image per id (`draw_others`)."""
-        picked = draw_others(self.image_ids[: len(self.rows)], np.array(image_ids, dtype=object), self.rng)
-        return [self.rows[int(i)] for i in picked]
+        picked = draw_others(self.ring.columns["image_id"][: self.ring.size], np.array(image_ids, dtype=object), self.rng)
+        return [self.ring.columns["record"][i] for i in picked]
 
 
 class ArrayRing:

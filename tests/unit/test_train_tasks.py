@@ -80,7 +80,8 @@ def test_negative_pool_draws_another_image() -> None:
     rows = [ImageRecord(f"img{i % 3}", np.zeros((1, 4), np.float32), "", [f"t{i}"]) for i in range(9)]
     pool = NegativePool(5, np.random.default_rng(0))
     pool.add(rows)
-    assert len(pool.rows) == 5  # a ring buffer of the most recent rows
+    # a ring of the most recent rows: 9 added at once to 5 slots keeps rows 4..8
+    assert pool.ring.size == 5 and sorted(r.texts[0] for r in pool.ring.columns["record"]) == [f"t{i}" for i in range(4, 9)]
     assert all(pool.other("img1").image_id != "img1" for _ in range(50))
 
 
