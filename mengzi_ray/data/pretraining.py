@@ -124,16 +124,20 @@ class PretrainTensorizer:
         return {k: np.array(v, dtype=np.int64).reshape(len(v), *((self.side_length,) if k.endswith("_ids") else ()))
                 for k, v in out.items()}
 
-    def prepare_batch(
-        self, texts_a: Sequence[str], texts_b: Sequence[str], img_feats: Sequence[np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """PREPARED_KEYS of B rows (B may be 0): `text_sides`, then img_feats (B, R, D) float32 and num_regions
-        (B,). ValueError for a text_a that is empty after normalisation or regions of the wrong shape."""
+    def regions(self, img_feats: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """img_feats (B, R, D) float32 (regions padded to the layout) and num_regions (B,) of B rows (B may be 0).
+        ValueError for regions of the wrong shape."""
         lay = self.layout
         padded = [pad_regions(f, lay.max_img_seq_length, lay.img_feature_dim, lay.truncate_regions) for f in img_feats]
         regions = np.array([r for r, _ in padded], dtype=np.float32).reshape(len(padded), lay.max_img_seq_length, lay.img_feature_dim)
-        return {**self.text_sides(texts_a, texts_b), "img_feats": regions,
-                "num_regions": np.array([n for _, n in padded], dtype=np.int64)}
+        return {"img_feats": regions, "num_regions": np.array([n for _, n in padded], dtype=np.int64)}
+
+    def prepare_batch(
+        self, texts_a: Sequence[str], texts_b: Sequence[str], img_feats: Sequence[np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """PREPARED_KEYS of B rows (B may be 0): `text_sides` and `regions`. ValueError for a text_a that is empty
+        after normalisation or regions of the wrong shape."""
+        return {**self.text_sides(texts_a, texts_b), **self.regions(img_feats)}
 
     def compose_batch(self, prepared: Mapping[str, np.ndarray], labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Model inputs of B pairs given as PREPARED_KEYS columns (text sides already swapped by pollution):

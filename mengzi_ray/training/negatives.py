@@ -40,7 +40,7 @@ def draw_others(pool_ids: np.ndarray, image_ids: np.ndarray, rng: np.random.Gene
 
 class NegativePool:
     """The last `capacity` ImageRecords in an `ArrayRing` (the slots `PreparedPool` uses, so both draw the same rows);
-    `other(image_id)` draws a row of a different image."""
+    `others(image_ids)` draws a row of a different image per id."""
 
     def __init__(self, capacity: int, rng: np.random.Generator):
         self.ring = ArrayRing(capacity)
@@ -50,9 +50,6 @@ class NegativePool:
         records = np.empty(len(rows), dtype=object)
         records[:] = list(rows)
         self.ring.add({"record": records, "image_id": np.array([r.image_id for r in rows], dtype=object)})
-
-    def other(self, image_id: str) -> ImageRecord:
-        return self.others([image_id])[0]
 
     def others(self, image_ids: Sequence[str]) -> list[ImageRecord]:
         """One row of a different image per id (`draw_others`)."""

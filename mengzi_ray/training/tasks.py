@@ -322,15 +322,16 @@ class PretrainTask(Task):
         rng = np.random.default_rng(0)
         texts = [(r, t, r.text_b(i)) for r in val_rows for i, t in enumerate(r.texts)]
         image_ids = np.array([r.image_id for r, _, _ in texts], dtype=object)
+        sides = self.tz.text_sides([t for _, t, _ in texts], [b for _, _, b in texts])
         pool = PreparedPool(max(1, len(texts)), rng, TEXT_COLUMNS)
-        pool.add({**self.tz.text_sides([t for _, t, _ in texts], [b for _, _, b in texts]), "image_id": image_ids})
+        pool.add({**sides, "image_id": image_ids})
         model.eval()
         losses, hits, targets = [], 0, 0
         size = self.card.validation.batch_size
         for start in range(0, len(texts), size):
-            chunk = texts[start : start + size]
-            prepared = self.tz.prepare_batch([t for _, t, _ in chunk], [b for _, _, b in chunk], [r.features for r, _, _ in chunk])
-            prepared["image_id"] = image_ids[start : start + size]
+            rows = slice(start, start + size)
+            prepared = {**{k: v[rows] for k, v in sides.items()}, **self.tz.regions([r.features for r, _, _ in texts[rows]]),
+                        "image_id": image_ids[rows]}
             b = {k: torch.as_tensor(v).to(device) for k, v in self._polluted_batch(prepared, rng, pool).items()}
             out = model(**b)
             labels = b["masked_lm_labels"]

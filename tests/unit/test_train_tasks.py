@@ -82,7 +82,7 @@ def test_negative_pool_draws_another_image() -> None:
     pool.add(rows)
     # a ring of the most recent rows: 9 added at once to 5 slots keeps rows 4..8
     assert pool.ring.size == 5 and sorted(r.texts[0] for r in pool.ring.columns["record"]) == [f"t{i}" for i in range(4, 9)]
-    assert all(pool.other("img1").image_id != "img1" for _ in range(50))
+    assert all(row.image_id != "img1" for row in pool.others(["img1"] * 50))
 
 
 class FakeShard:
