@@ -16,7 +16,7 @@ caption query has one right answer), in one process:
    `--queries` queries for steadier R@K.
 
     .venv/bin/python bench/bench_retrieval_stages.py [--gallery 10000] [--brute-queries 3] [--queries 100]
-        [--candidates 100] [--steps 300] [--variants plain shared separate ranked] [--stage-model separate]
+        [--candidates 100 [200 ...]] [--steps 300] [--variants plain shared separate ranked] [--stage-model separate]
         [--set KEY=VALUE ...]
         [--model DIR]  (--model: a trained dir with a dual encoder; skips part 1)
 """
@@ -28,6 +28,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,27 +106,33 @@ def rank_of(truth: int, top: list[int]) -> int:
     return top.index(truth) if truth in top else len(top)
 
 
-def compare_stages(model_dir: str, features: str, texts: str, brute_queries: int, queries: int, candidates: int) -> list[dict]:
-    """Per method: ms/query, R@1/5/10 and top-10 overlap with brute force (Serve's engine, in-process)."""
+def compare_stages(model_dir: str, features: str, texts: str, brute_queries: int, queries: int,
+                   candidates: list[int]) -> list[dict]:
+    """Per method (two-stage ones at each shortlist size in `candidates`): ms/query, R@1/5/10 and top-10 overlap
+    with brute force (Serve's engine, in-process)."""
     gallery = load_gallery(GallerySection(features=features, texts=texts))
     encoder = MatchScorer.from_model_dir(model_dir, batch_size=512)
     rng = np.random.default_rng(0)
     picks = rng.choice(len(gallery.captions), size=max(queries, brute_queries), replace=False)
     wanted = [(gallery.captions[i], gallery.index_of[gallery.caption_image_ids[i]]) for i in picks]
     start = time.perf_counter()
-    engines = {
-        "brute force (cross-encoder)": RetrievalEngine(encoder, gallery, None, "tfidf"),
-        f"TF-IDF → cross-encoder, {candidates}": RetrievalEngine(encoder, gallery, candidates, "tfidf"),
-        f"dual → cross-encoder, {candidates}": RetrievalEngine(encoder, gallery, candidates, "dual_encoder"),
-    }
+    brute = RetrievalEngine(encoder, gallery, None, "tfidf")
+    tfidf = RetrievalEngine(encoder, gallery, candidates[0], "tfidf")
+    dual = RetrievalEngine(encoder, gallery, candidates[0], "dual_encoder")
     load_seconds = time.perf_counter() - start
-    dual = engines[f"dual → cross-encoder, {candidates}"].dual
-    tfidf = engines[f"TF-IDF → cross-encoder, {candidates}"].image_index
+
+    def top10(engine: RetrievalEngine, size: int | None) -> Callable[[str], list[int]]:
+        def run(text: str) -> list[int]:
+            engine.candidates = size
+            return [h.index for h in engine.search([SearchQuery(k=10, text=text)])[0]]
+        return run
+
     methods = {
-        **{name: (lambda text, e=engine: [h.index for h in e.search([SearchQuery(k=10, text=text)])[0]])
-           for name, engine in engines.items()},
-        "dual encoder alone": lambda text: dual.images_for([text], 10)[0].tolist(),
-        "TF-IDF alone": lambda text: tfidf.query(text, 10).tolist(),
+        "brute force (cross-encoder)": top10(brute, None),
+        **{f"TF-IDF → cross-encoder, {c}": top10(tfidf, c) for c in candidates},
+        **{f"dual → cross-encoder, {c}": top10(dual, c) for c in candidates},
+        "dual encoder alone": lambda text: dual.dual.images_for([text], 10)[0].tolist(),
+        "TF-IDF alone": lambda text: tfidf.image_index.query(text, 10).tolist(),
     }
     brute_top: list[list[int]] = []
     rows = []
@@ -158,7 +165,7 @@ def main() -> int:
     parser.add_argument("--gallery", type=int, default=10_000)
     parser.add_argument("--brute-queries", type=int, default=3)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--candidates", type=int, nargs="+", default=[100], help="shortlist sizes")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--val-images", type=int, default=100, help="held-out gallery of part 1")
