@@ -180,7 +180,7 @@ def main() -> int:
     parser.add_argument("--stage-model", choices=VARIANTS[1:], default="shared",
                         help="which trained variant part 2 compares the stages with")
     parser.add_argument("--set", nargs="*", default=list(RECIPE), metavar="KEY=VALUE",
-                        help="card overrides for every variant (e.g. retrieval.dual_encoder.hard_negatives=7)")
+                        help=f"card overrides for every variant (default: {' '.join(RECIPE)}; giving --set replaces them)")
     parser.add_argument("--model", help="trained retrieval dir with a dual encoder (skips training)")
     parser.add_argument("--work", help="scratch dir (default: a temp dir)")
     args = parser.parse_args()
