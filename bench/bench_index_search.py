@@ -29,6 +29,7 @@ from mengzi_ray.index.store import inner_products, top_k
 
 SCRIPT = "bench_index_search"
 K = 10
+EXACT = "exact (index.store: torch inner product + top_k)"
 
 Search = Callable[[np.ndarray], np.ndarray]  # (Q, dim) queries -> (Q, K) indices, best first
 
@@ -54,8 +55,12 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
     dim = vectors.shape[1]
     out: dict[str, tuple[float, Search]] = {}
 
-    def searcher(index) -> Search:
-        return lambda queries: index.search(np.ascontiguousarray(queries), K)[1]
+    def searcher(index, configure: Callable[[], None] = lambda: None) -> Search:
+        """index.search's top-K indices, after `configure` sets the index's search parameter."""
+        def search(queries: np.ndarray) -> np.ndarray:
+            configure()
+            return index.search(np.ascontiguousarray(queries), K)[1]
+        return search
 
     start = time.perf_counter()
     flat = faiss.IndexFlatIP(dim)
@@ -68,10 +73,7 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
     hnsw.add(vectors)
     built = time.perf_counter() - start
     for ef in (32, 64, 128, 256):
-        def search(queries: np.ndarray, ef: int = ef) -> np.ndarray:
-            hnsw.hnsw.efSearch = ef
-            return hnsw.search(np.ascontiguousarray(queries), K)[1]
-        out[f"FAISS HNSW M32 efSearch {ef}"] = (built, search)
+        out[f"FAISS HNSW M32 efSearch {ef}"] = (built, searcher(hnsw, lambda ef=ef: setattr(hnsw.hnsw, "efSearch", ef)))
 
     start = time.perf_counter()
     quantiser = faiss.IndexFlatIP(dim)
@@ -80,10 +82,7 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
     ivf.add(vectors)
     built = time.perf_counter() - start
     for probes in (8, 32, 128):
-        def search(queries: np.ndarray, probes: int = probes) -> np.ndarray:
-            ivf.nprobe = probes
-            return ivf.search(np.ascontiguousarray(queries), K)[1]
-        out[f"FAISS IVF-Flat 1024 nprobe {probes}"] = (built, search)
+        out[f"FAISS IVF-Flat 1024 nprobe {probes}"] = (built, searcher(ivf, lambda p=probes: setattr(ivf, "nprobe", p)))
     return out
 
 
@@ -138,10 +137,10 @@ def main() -> int:
         truth = ours(queries)
         rerank = rerank_stand_in()
         alone = float(np.median([rerank() for _ in range(len(queries) + 10)][10:]))  # the first 10 warm up
-        rows = {"exact (index.store: torch inner product + top_k)": {"build_s": 0.0, **measure(ours, queries, truth, rerank)}}
+        rows = {EXACT: {"build_s": 0.0, **measure(ours, queries, truth, rerank)}}
         for name, (built, search) in faiss_methods(vectors).items():
             rows[name] = {"build_s": built, **measure(search, queries, truth, rerank)}
-        base = rows["exact (index.store: torch inner product + top_k)"]["ms_per_query_single"]
+        base = rows[EXACT]["ms_per_query_single"]
         print(f"\n{args.vectors:,} vectors × {dim}, {args.queries} queries, top {K}; the torch workload alone: {alone:.2f} ms")
         print_table(["method", "build s", "ms/query (single)", "speed-up vs exact", "ms/query (batch)", "recall@10",
                      "torch workload after it, ms"],
