@@ -5,10 +5,11 @@ The vectors stand in for a dual encoder's image embeddings: unit vectors drawn a
 (real embeddings cluster; uniform random vectors would be the hardest case for every ANN method). Queries are
 fresh draws from the same mixture, not in the index. Per method: build seconds, ms per query one at a time (Serve's
 pattern: one text query per request) and per query in one batch of all queries (the evaluate job's pattern), and
-recall@10 against the exact top 10. Exact = `index.store.inner_products` + `top_k`, the product's path. FAISS
-(faiss-cpu, not a project dependency; `pip install faiss-cpu` into the venv to include it): IndexFlatIP (exact,
-its own BLAS), HNSW (M 32) at several efSearch, IVF-Flat (nlist 1,024) at several nprobe; every FAISS method gets
-torch's thread count. After every single search the bench times a fixed torch matrix product, against the same
+recall@10 against the exact top 10. The product's two methods (index/search.py, Serve's `retriever.search`):
+exact (`ExactSearch`: torch inner product + `top_k`) and ivf (`IvfSearch`: FAISS IVF-Flat, lists 4·√n, at
+several probes, build time including the k-means). Beside them, FAISS methods the product does not offer:
+IndexFlatIP (exact, its own BLAS) and HNSW (M 32) at several efSearch; every FAISS method gets torch's thread
+count. faiss-cpu comes with the `ann` and `test` extras; without it only exact search is measured. After every single search the bench times a fixed torch matrix product, against the same
 product run alone: Serve re-ranks right after the search, and a library whose thread pool keeps spinning after a
 search takes cores from that re-rank (index/store.py's inner_products docstring: numpy's OpenBLAS did).
 
@@ -25,11 +26,11 @@ import numpy as np
 import torch
 from common import git_commit, print_table, write_results
 
-from mengzi_ray.index.store import inner_products, top_k
+from mengzi_ray.index.search import ExactSearch, SearchSection
 
 SCRIPT = "bench_index_search"
 K = 10
-EXACT = "exact (index.store: torch inner product + top_k)"
+EXACT = "exact (index.search.ExactSearch)"
 
 Search = Callable[[np.ndarray], np.ndarray]  # (Q, dim) queries -> (Q, K) indices, best first
 
@@ -42,11 +43,12 @@ def clustered_unit_vectors(rng: np.random.Generator, count: int, centres: np.nda
 
 
 def exact(vectors: np.ndarray) -> Search:
-    return lambda queries: top_k(inner_products(queries, vectors), K)[0]
+    index = ExactSearch(vectors)
+    return lambda queries: index.search(queries, K)[0]
 
 
 def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
-    """name -> (build seconds, search) for each FAISS configuration; {} when faiss is not installed."""
+    """name -> (build seconds, search) for the product's IVF search and FAISS's other indexes; {} without faiss."""
     try:
         import faiss
     except ImportError:
@@ -75,14 +77,12 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
     for ef in (32, 64, 128, 256):
         out[f"FAISS HNSW M32 efSearch {ef}"] = (built, searcher(hnsw, lambda ef=ef: setattr(hnsw.hnsw, "efSearch", ef)))
 
-    start = time.perf_counter()
-    quantiser = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantiser, dim, 1024, faiss.METRIC_INNER_PRODUCT)
-    ivf.train(vectors)
-    ivf.add(vectors)
-    built = time.perf_counter() - start
     for probes in (8, 32, 128):
-        out[f"FAISS IVF-Flat 1024 nprobe {probes}"] = (built, searcher(ivf, lambda p=probes: setattr(ivf, "nprobe", p)))
+        start = time.perf_counter()
+        ivf = SearchSection(method="ivf", probes=probes).build(vectors)
+        built = time.perf_counter() - start
+        out[f"ivf (index.search.IvfSearch, {ivf.lists} lists) probes {probes}"] = (
+            built, lambda queries, ivf=ivf: ivf.search(queries, K)[0])
     return out
 
 

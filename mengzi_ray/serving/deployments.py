@@ -238,7 +238,7 @@ class Retriever:
         encoder = MatchScorer.from_model_dir(section.model_dir, batch_size=section.rerank_chunk)
         self.gallery_section = section.gallery
         self.engine = RetrievalEngine(encoder, load_gallery(section.gallery, encoder.config.tag_map),
-                                      section.candidates, section.first_stage, section.gallery.index)
+                                      section.candidates, section.first_stage, section.gallery.index, section.search)
         self.stats = BatchStats()
         self.watch = ModelWatch(section.stall_timeout_s)
         configure_batching(self.search, section)

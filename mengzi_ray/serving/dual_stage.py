@@ -2,7 +2,8 @@
 
 Gallery images are vectors from the index job's output (`gallery.index`) when the section names one, else embedded
 in-process when the gallery is loaded; gallery captions are embedded at load. A text query costs one text-side
-pass and an exact inner product over the gallery, an image query one image-side pass over the captions; only the
+pass and an inner-product search over the gallery images (exact by default, FAISS IVF-Flat by the retriever's
+`search` section: index/search.py), an image query one image-side pass and a search over the captions; only the
 top `candidates` go to the cross-encoder. Used by `RetrievalEngine` for models whose dir carries a dual encoder;
 the TF-IDF stage stays for models without one.
 """
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mengzi_ray.inference.embedder import DualEmbedder
-from mengzi_ray.index.store import ExactIndex, inner_products, top_k
+from mengzi_ray.index.search import SearchSection
+from mengzi_ray.index.store import ExactIndex
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery
 from mengzi_ray.text import tag_string
@@ -24,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 class DualStage:
-    """Embeddings of one gallery and shortlists by inner product."""
+    """Embeddings of one gallery and shortlists by inner product (`search`: exact unless it says ivf)."""
 
-    def __init__(self, embedder: DualEmbedder, gallery: Gallery, index_uri: str | None = None):
+    def __init__(self, embedder: DualEmbedder, gallery: Gallery, index_uri: str | None = None,
+                 search: SearchSection | None = None):
         self.embedder = embedder
         tag_map = embedder.model.config.tag_map
         if index_uri is not None:
@@ -35,22 +38,26 @@ class DualStage:
             images = [(tag_string(r.tags_for(tag_map)), r.features) for r in gallery.regions]
             self.image_vectors = embedder.embed_images(images)
         self.caption_vectors = embedder.embed_texts(gallery.captions) if gallery.captions else None
-        log.info("dual-encoder stage: %d image and %d caption vectors", len(self.image_vectors), len(gallery.captions))
+        search = search or SearchSection()
+        self.image_search = search.build(self.image_vectors)
+        self.caption_search = search.build(self.caption_vectors) if self.caption_vectors is not None else None
+        log.info("dual-encoder stage: %d image and %d caption vectors, %s search", len(self.image_vectors),
+                 len(gallery.captions), search.method)
 
     def images_for(self, texts: Sequence[str], k: int) -> list[np.ndarray]:
         """The k gallery images nearest each text, best first."""
         queries = self.embedder.embed_texts(texts, batch_size=len(texts))
-        hits, _ = top_k(inner_products(queries, self.image_vectors), k)
+        hits, _ = self.image_search.search(queries, k)
         return list(hits)
 
     def captions_for(self, regions: Sequence[RegionSet], k: int) -> list[np.ndarray]:
         """The k gallery captions nearest each image, best first (LookupError without a caption gallery)."""
-        if self.caption_vectors is None:
+        if self.caption_search is None:
             raise LookupError("the gallery has no captions (gallery.texts is not set)")
         tag_map = self.embedder.model.config.tag_map
         queries = self.embedder.embed_images([(tag_string(r.tags_for(tag_map)), r.features) for r in regions],
                                              batch_size=len(regions))
-        hits, _ = top_k(inner_products(queries, self.caption_vectors), k)
+        hits, _ = self.caption_search.search(queries, k)
         return list(hits)
 
 

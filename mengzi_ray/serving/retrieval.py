@@ -17,6 +17,7 @@ import numpy as np
 
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.ngram import NgramIndex
+from mengzi_ray.index.search import SearchSection
 from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.dual_stage import DualStage
@@ -45,12 +46,14 @@ class RetrievalEngine:
 
     first_stage: "auto" shortlists with the dual encoder when the model dir has one (serving/dual_stage.py), else
     with TF-IDF; "tfidf" / "dual_encoder" force one (the latter a ValueError for a model without it).
-    `index_uri`: the index job's output holding the gallery images' vectors (else they are embedded at load)."""
+    `index_uri`: the index job's output holding the gallery images' vectors (else they are embedded at load).
+    `search`: how the dual-encoder stage searches its vectors (exact by default; index/search.py)."""
 
     def __init__(self, encoder: MatchScorer, gallery: Gallery, candidates: int | None, first_stage: str = "auto",
-                 index_uri: str | None = None):
+                 index_uri: str | None = None, search: SearchSection | None = None):
         self.encoder = encoder
         self.candidates = candidates
+        self.search_section = search
         dual = encoder.model.has_dual_encoder
         if first_stage == "dual_encoder" and not dual:
             raise ValueError(f"{encoder.model.source_dir}: first_stage dual_encoder, but the model dir has no dual encoder")
@@ -64,7 +67,7 @@ class RetrievalEngine:
         self.gallery = gallery
         self.image_index = NgramIndex([tag_string(r.tags) for r in gallery.regions])
         self.caption_index = NgramIndex(gallery.captions) if gallery.captions else None
-        self.dual = DualStage(self.embedder, gallery, index_uri) if self.embedder is not None else None
+        self.dual = DualStage(self.embedder, gallery, index_uri, self.search_section) if self.embedder is not None else None
 
     def _shortlist(self, query: SearchQuery) -> np.ndarray:
         if self.dual is not None and self.candidates is not None:

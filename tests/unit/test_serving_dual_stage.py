@@ -11,6 +11,7 @@ import pytest
 
 from mengzi_ray.config import load_card
 from mengzi_ray.synthetic import write_synthetic_dataset
+from mengzi_ray.index.search import ExactSearch, IvfSearch, SearchSection
 from mengzi_ray.index.store import ExactIndex, embedding_table, inner_products
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.gallery import load_gallery
@@ -56,6 +57,23 @@ def test_dual_stage_shortlists_and_the_cross_encoder_reranks(setup) -> None:
     assert RetrievalEngine(plain, gallery, 5).first_stage == "tfidf"  # a dir without a dual encoder still serves
     with pytest.raises(ValueError, match="no dual encoder"):
         RetrievalEngine(plain, gallery, 5, first_stage="dual_encoder")
+
+
+def test_the_dual_stage_searches_exactly_unless_asked_for_ivf(setup) -> None:
+    _, section, dual, _ = setup
+    gallery = load_gallery(section)
+    exact = RetrievalEngine(dual, gallery, candidates=5)
+    assert isinstance(exact.dual.image_search, ExactSearch) and isinstance(exact.dual.caption_search, ExactSearch)
+    ivf = RetrievalEngine(dual, gallery, candidates=5, search=SearchSection(method="ivf", probes=4))
+    assert isinstance(ivf.dual.image_search, IvfSearch) and isinstance(ivf.dual.caption_search, IvfSearch)
+    texts = gallery.captions[:4]
+    # 30 images make one IVF cell, which every query probes: the same shortlists as exact search
+    for a, b in zip(ivf.dual.images_for(texts, 5), exact.dual.images_for(texts, 5)):
+        assert set(a.tolist()) == set(b.tolist())
+    for a, b in zip(ivf.dual.captions_for(gallery.regions[:2], 5), exact.dual.captions_for(gallery.regions[:2], 5)):
+        assert set(a.tolist()) == set(b.tolist())
+    ivf.set_gallery(gallery)  # a gallery reload keeps the section's search method
+    assert isinstance(ivf.dual.image_search, IvfSearch)
 
 
 def test_index_vectors_equal_the_ones_embedded_at_load(setup, tmp_path: Path) -> None:
