@@ -17,7 +17,8 @@ from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.gallery import load_gallery
 from mengzi_ray.inference import MatchScorer
 from mengzi_ray.serving.retrieval import RetrievalEngine, SearchQuery
-from mengzi_ray.serving.settings import GallerySection
+from mengzi_ray.serving.deployments import BatchStats, Retriever
+from mengzi_ray.serving.settings import GallerySection, RetrieverSection
 from mengzi_ray.training.card import RetrievalCard
 from mengzi_ray.training.jobs import prepare_init
 
@@ -74,6 +75,18 @@ def test_the_dual_stage_searches_exactly_unless_asked_for_ivf(setup) -> None:
         assert set(a.tolist()) == set(b.tolist())
     ivf.set_gallery(gallery)  # a gallery reload keeps the section's search method
     assert isinstance(ivf.dual.image_search, IvfSearch)
+
+
+def test_the_retriever_deployment_takes_its_search_method_from_the_config(setup, monkeypatch) -> None:
+    root, section, _, _ = setup
+    monkeypatch.setattr(BatchStats, "as_dict", lambda self: {})  # the stats name the Serve replica, and there is none
+    config = RetrieverSection.model_validate({"model_dir": str(root / "dual"), "gallery": section.model_dump(),
+                                              "candidates": 5, "search": {"method": "ivf", "probes": 2}})
+    replica = Retriever.func_or_class(config)  # the class as written, outside a Serve replica
+    assert isinstance(replica.engine.dual.image_search, IvfSearch)
+    assert replica.info()["candidate_stage"] == "dual-encoder inner product (ivf search)"
+    default = Retriever.func_or_class(config.model_copy(update={"search": SearchSection()}))
+    assert default.info()["candidate_stage"] == "dual-encoder inner product (exact search)"
 
 
 def test_index_vectors_equal_the_ones_embedded_at_load(setup, tmp_path: Path) -> None:
