@@ -334,11 +334,9 @@ class PretrainTask(Task):
                         "image_id": image_ids[rows]}
             b = {k: torch.as_tensor(v).to(device) for k, v in self._polluted_batch(prepared, rng, pool).items()}
             out = model(**b)
-            labels = b["masked_lm_labels"]
-            keep = labels != -1
-            hits += int((out.logits[:, : labels.shape[1]].argmax(-1)[keep] == labels[keep]).sum())
-            targets += int(keep.sum())
-            losses.append((out.loss.item(), labels.shape[0]))
+            hits += int(out.num_correct)
+            targets += int((b["masked_lm_labels"] != -1).sum())
+            losses.append((out.loss.item(), len(b["masked_lm_labels"])))
         return {"val_loss": _weighted_mean(losses), "val_mlm_acc": hits / max(1, targets)}
 
 

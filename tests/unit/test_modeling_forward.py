@@ -105,11 +105,17 @@ def test_pretraining_outputs_and_loss() -> None:
     sd = model.state_dict()
     h, pooled = reference_trunk(sd, cfg, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], inputs["img_feats"])
     scores = reference_mlm(sd, cfg, h)
-    assert out.logits.shape == (3, 11, cfg.vocab_size)  # over all T+R positions, as the original
-    torch.testing.assert_close(out.logits, scores, atol=1e-5, rtol=1e-5)
+    full = model(**inputs)
+    assert full.logits.shape == (3, 11, cfg.vocab_size)  # without labels: over all T+R positions, as the original
+    torch.testing.assert_close(full.logits, scores, atol=1e-5, rtol=1e-5)
+    # with labels: the vocab projection only at the targets, row-major; the loss the original's over every position
+    torch.testing.assert_close(out.logits, scores[:, :7][labels != -1], atol=1e-5, rtol=1e-5)
+    assert int(out.num_correct) == int((scores[:, :7][labels != -1].argmax(-1) == labels[labels != -1]).sum())
     rel = pooled @ sd["cls.seq_relationship.weight"].T + sd["cls.seq_relationship.bias"]
     expected = F.cross_entropy(scores[:, :7].reshape(-1, cfg.vocab_size), labels.reshape(-1), ignore_index=-1) + F.cross_entropy(rel, nsp)
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    padded = torch.cat([labels, torch.full((3, 4), -1)], dim=1)  # (B, T+R) labels give the same loss
+    torch.testing.assert_close(model(**inputs, masked_lm_labels=padded, next_sentence_label=nsp).loss, out.loss)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
 
 
