@@ -35,7 +35,7 @@ from mengzi_ray.modeling import OscarConfig, OscarForCaptioning
 from mengzi_ray.text import load_tokenizer
 from mengzi_ray.inference import collate
 from mengzi_ray.training.tasks import caption_loss
-from mengzi_ray.training.optim import build_optimizer
+from mengzi_ray.training.optim import CAPTION_NO_DECAY, build_optimizer
 from mengzi_ray.training.step import StepOptions, TrainStep
 
 SCRIPT = "bench_train_step"
@@ -50,7 +50,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 @dataclass(frozen=True)
 class Case:
-    """One model size, its batch, and how many steps one timed repeat runs."""
+    """One model size, its batch (rows per step), and how many steps one timed repeat runs."""
 
     name: str
     hidden: int
@@ -89,16 +89,19 @@ def oscar_batch(case: Case, vocab_dir: Path, rng: np.random.Generator) -> dict[s
     return collate(examples)
 
 
-def our_step(model: OscarForCaptioning, batch: dict[str, torch.Tensor], options: StepOptions, device: torch.device) -> Callable[[], float]:
-    """A closure running one optimiser step of the project's TrainStep; returns the loss."""
-    optimizer = build_optimizer(model, LR, WEIGHT_DECAY, fused=options.fused)
+def our_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], options: StepOptions, device: torch.device,
+             loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = caption_loss,
+             no_decay: tuple[str, ...] = CAPTION_NO_DECAY) -> Callable[[], float]:
+    """A closure running one optimiser step of the project's TrainStep on `loss_fn(forward, batch)`; returns the
+    loss. `no_decay`: the task's AdamW groups (training/optim.py)."""
+    optimizer = build_optimizer(model, LR, WEIGHT_DECAY, no_decay, fused=options.fused)
     step = TrainStep(model, optimizer, options, device)
     forward = step.forward_module(model)
 
     def run() -> float:
         optimizer.zero_grad(set_to_none=True)
         with step.autocast():
-            loss = caption_loss(forward, batch)
+            loss = loss_fn(forward, batch)
         step.backward(loss)
         step.update()
         return loss.item()
@@ -116,13 +119,15 @@ def repeated(step: Callable[[], float], times: int) -> Callable[[], None]:
     return run
 
 
-def dense_flops_per_sample(config: OscarConfig, masked_per_sample: float) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) of one sample through the dense model: every position
-    through every layer (matmuls 2·params·tokens, attention scores and context 4·N²·H per layer), the region
-    embedding, and the MLM head at the masked tokens."""
-    h, i, n, r = config.hidden_size, config.intermediate_size, SEQ_LEN, LAYOUT.max_img_seq_length
+def dense_flops_per_sample(config: OscarConfig, positions: int, regions: int, feature_dim: int,
+                           masked_per_sample: float) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of one sample through the dense model: every one of
+    `positions` (text + regions) through every layer (matmuls 2·params·tokens, attention scores and context
+    4·N²·H per layer), the embedding of `regions` feature_dim-d regions, and the MLM head at the masked tokens
+    only (what the loss needs; a head over every position is work the model does not need, not model FLOPs)."""
+    h, i, n = config.hidden_size, config.intermediate_size, positions
     per_layer = 2 * n * (4 * h * h + 2 * h * i) + 4 * n * n * h
-    embed = 2 * r * LAYOUT.img_feature_dim * h
+    embed = 2 * regions * feature_dim * h
     head = 2 * masked_per_sample * (h * h + h * config.vocab_size)
     return 3.0 * (config.num_hidden_layers * per_layer + embed + head)
 
@@ -158,7 +163,7 @@ def run_case(case: Case, device: torch.device, vocab_dir: Path, options: StepOpt
     samples = case.batch * case.steps_per_repeat
     rate = {name: samples / median(t) for name, t in times.items()}
     masked = int(batch["masked_pos"].sum())
-    flops = dense_flops_per_sample(config, masked / case.batch)
+    flops = dense_flops_per_sample(config, SEQ_LEN, LAYOUT.max_img_seq_length, LAYOUT.img_feature_dim, masked / case.batch)
     tflops = {name: r * flops / 1e12 for name, r in rate.items()}
     live = int((batch["attention_mask"].amax(dim=1) > 0).sum())
     return {
@@ -178,19 +183,28 @@ def run_case(case: Case, device: torch.device, vocab_dir: Path, options: StepOpt
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every train-step bench takes: --cases, --amp, --peak-tflops, --threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
     parser.add_argument("--amp", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of our step")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: known GPUs)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
+    return parser
+
+
+def step_setup(args: argparse.Namespace, **options: Any) -> tuple[torch.device, StepOptions, float | None, list[Case]]:
+    """Threads set; (device, the step's options with `options` added, peak TFLOP/s or None, the chosen cases)."""
     torch.set_num_threads(args.threads)
     device = pick_device()
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    options = StepOptions(amp_dtype=amp, fused=True, max_grad_norm=MAX_GRAD_NORM)
-    peak = peak_tflops(device, args.peak_tflops)
-    cases = [c for c in CASES if c.name in args.cases.split(",")]
+    step = StepOptions(amp_dtype=amp, fused=True, max_grad_norm=MAX_GRAD_NORM, **options)
+    return device, step, peak_tflops(device, args.peak_tflops), [c for c in CASES if c.name in args.cases.split(",")]
+
+
+def main() -> None:
+    args = step_arguments(__doc__.split("\n\n")[0]).parse_args()
+    device, options, peak, cases = step_setup(args)
     commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         vocab_dir = Path(tmp)
