@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,9 @@ def dense_head_loss(model: OscarForPretraining, batch: dict[str, torch.Tensor]) 
     return mlm + F.cross_entropy(out.seq_relationship_logits.float(), batch["next_sentence_label"].reshape(-1))
 
 
-def run_case(case: Case, batch_size: int, device: torch.device, vocab_dir: Path, options: StepOptions,
-             peak: float | None) -> dict[str, Any]:
-    """bench_train_step's model sizes at `batch_size` rows; one warm-up step each, then interleaved repeats."""
+def run_case(case: Case, device: torch.device, vocab_dir: Path, options: StepOptions, peak: float | None) -> dict[str, Any]:
+    """One of bench_train_step's model sizes; one warm-up step each, then interleaved repeats."""
+    batch_size = case.batch
     rng = np.random.default_rng(SEED)
     torch.manual_seed(SEED)
     config = OscarConfig(vocab_size=VOCAB, hidden_size=case.hidden, num_hidden_layers=case.layers,
@@ -87,7 +87,7 @@ def run_case(case: Case, batch_size: int, device: torch.device, vocab_dir: Path,
     flops = dense_flops_per_sample(config, positions, LAYOUT.max_img_seq_length, LAYOUT.img_feature_dim, masked / batch_size)
     tflops = {name: r * flops / 1e12 for name, r in rate.items()}
     return {
-        "case": asdict(case), "batch": batch_size, "params": sum(p.numel() for p in ours.parameters()),
+        "case": asdict(case), "params": sum(p.numel() for p in ours.parameters()),
         "masked_tokens": masked, "positions": positions,
         "loss_check": {"ours": a, "dense_head": b, "abs_diff": abs(a - b)},
         "warmup_step_s": warmup, "times_s": times, "samples_per_s": rate,
@@ -100,6 +100,7 @@ def run_case(case: Case, batch_size: int, device: torch.device, vocab_dir: Path,
 def main() -> None:
     parser = step_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, help="rows per step (default: bench_train_step's case batch, 16)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per variant (default: the case's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both forwards (inductor)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
     args = parser.parse_args()
@@ -107,14 +108,15 @@ def main() -> None:
     commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
         write_cjk_vocab(VOCAB, Path(tmp))
-        results = [run_case(case, args.batch or case.batch, device, Path(tmp), options, peak) for case in cases]
+        results = [run_case(replace(case, batch=args.batch or case.batch, repeats=args.repeats or case.repeats), device,
+                            Path(tmp), options, peak) for case in cases]
     print(f"Pretraining step (fwd+bwd+clip+AdamW), {args.amp}{' compiled' if args.compile else ''}"
           f"{' checkpointed' if args.checkpointing else ''}, {device.type}, {LAYOUT.max_seq_length} text + "
           f"{LAYOUT.max_img_seq_length} region positions, median of interleaved repeats")
     print_table(["config", "H/L/heads/I", "batch", "ours samples/s", "dense head samples/s", "ours/dense", "ours TFLOP/s",
                  "ours MFU", "loss diff"],
                 [[r["case"]["name"], "/".join(str(r["case"][k]) for k in ("hidden", "layers", "heads", "intermediate")),
-                  r["batch"], f"{r['samples_per_s']['ours']:.2f}", f"{r['samples_per_s']['dense_head']:.2f}",
+                  r["case"]["batch"], f"{r['samples_per_s']['ours']:.2f}", f"{r['samples_per_s']['dense_head']:.2f}",
                   f"{r['ratio_ours_over_dense_head']:.2f}", f"{r['achieved_tflops']['ours']:.3f}",
                   f"{r['mfu']['ours']:.1%}" if r["mfu"] else "-", f"{r['loss_check']['abs_diff']:.1e}"] for r in results])
     settings = {"layout": asdict(LAYOUT), "vocab": VOCAB, "amp": args.amp, "compile": args.compile,
