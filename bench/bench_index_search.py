@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from common import git_commit, print_table, write_results
 
-from mengzi_ray.index.search import ExactSearch, SearchSection
+from mengzi_ray.index.card import SearchSection
+from mengzi_ray.index.search import ExactSearch, build_search
 
 SCRIPT = "bench_index_search"
 K = 10
@@ -79,7 +80,7 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
 
     for probes in (8, 32, 128):
         start = time.perf_counter()
-        ivf = SearchSection(method="ivf", probes=probes).build(vectors)
+        ivf = build_search(vectors, SearchSection(method="ivf", probes=probes))
         built = time.perf_counter() - start
         out[f"ivf (index.search.IvfSearch, {ivf.lists} lists) probes {probes}"] = (
             built, lambda queries, ivf=ivf: ivf.search(queries, K)[0])

@@ -1,13 +1,24 @@
 """The `index` job card (jobs/index_*.yaml): embed a feature dataset's images with a retrieval model dir's dual
-encoder into an embedding index (index/store.py)."""
+encoder into an embedding index (index/store.py); and the search section of Serve's retriever (index/search.py)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from mengzi_ray.config import Card, RaySection, Section
+
+
+class SearchSection(Section):
+    """How Serve's dual-encoder stage finds a query's nearest gallery vectors (index/search.py `build_search`)."""
+
+    method: Literal["exact", "ivf"] = Field(
+        "exact", description="exact: one matrix product over every vector; ivf: FAISS IVF-Flat (needs faiss-cpu, "
+        "pip install 'mengzi-ray[ann]'), for galleries of about 100,000 and more")
+    lists: int | None = Field(None, ge=1, description="ivf: k-means cells per gallery side (None: 4·sqrt(n); at most n/39)")
+    probes: int = Field(8, ge=1, description="ivf: cells scanned per query (more: slower, closer to exact); widened for "
+                        "a shortlist longer than they hold")
 
 
 class ActorsSection(Section):

@@ -1,27 +1,28 @@
 """Top-k inner-product search over a fixed set of unit vectors: exact (the default) or FAISS IVF-Flat (opt-in).
 
 Serve's dual-encoder candidate stage (serving/dual_stage.py) builds one searcher per gallery side when the gallery
-loads. Exact search is a matrix product (index/store.py); it costs about 2 ms a query at 100,000 vectors of 64
-dims and 16 ms at 256 dims on 2 cores. IVF-Flat (FAISS's `IndexIVFFlat`) clusters the vectors into `lists` cells
-with k-means and scans only the `probes` cells nearest the query: 0.14–0.15 ms at 100,000 vectors with recall@10
-0.999–1.000 at 8 probes (bench/bench_index_search.py). FAISS is an optional dependency
-(`pip install 'mengzi-ray[ann]'`, which installs faiss-cpu); it is imported only when an IVF search is built.
+loads (`build_search`, from the retriever's `search` section: index/card.py `SearchSection`). Exact search is a
+matrix product (index/store.py): about 2.2 ms a query at 100,000 vectors of 64 dims and 13 ms at 256 dims on 2
+cores. IVF-Flat (FAISS's `IndexIVFFlat`) clusters the vectors into `lists` cells with k-means and scans only the
+`probes` cells nearest the query: 0.18 ms at 100,000 vectors with recall@10 1.000 / 0.998 at 8 probes
+(bench/bench_index_search.py). FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs
+faiss-cpu), imported only when an IVF search is built.
 
-The IVF cells are trained when the searcher is built, not stored with the index, so the index on disk stays plain
-Parquet (readable by pyarrow, pandas or DuckDB) and valid for any `lists`; training takes about 4 s at 100,000
-vectors of 256 dims. FAISS's k-means has a fixed seed, so the same vectors give the same cells.
+The cells are trained when the searcher is built, not stored with the index, so the index on disk stays plain
+Parquet (readable by pyarrow, pandas or DuckDB) and valid for any `lists`; training takes about 5 s at 100,000
+vectors of 256 dims. FAISS's k-means has a fixed seed, so the same vectors give the same cells. FAISS keeps its own
+float32 copy of the vectors beside the array exact search needs, so an IVF side holds its vectors twice.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from mengzi_ray.config import Section
+from mengzi_ray.index.card import SearchSection
 from mengzi_ray.index.store import inner_products, top_k
 
 # FAISS warns below 39 training vectors per cell; fewer cells than that are trained on too little data to be useful
@@ -33,6 +34,10 @@ class VectorSearch(Protocol):
         """Top-k rows per query (Q, dim): (indices (Q, k'), scores (Q, k')) best first, k' = min(k, n)."""
         ...
 
+    def describe(self) -> str:
+        """The method and its settings, for logs and /v1/models."""
+        ...
+
 
 class ExactSearch:
     """Every vector scored by one matrix product; ties ordered by row."""
@@ -42,6 +47,9 @@ class ExactSearch:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return top_k(inner_products(queries, self.vectors), k)
+
+    def describe(self) -> str:
+        return "exact"
 
 
 def import_faiss():
@@ -58,50 +66,58 @@ class IvfSearch:
     """FAISS IVF-Flat over (n, dim) float32 vectors by inner product.
 
     lists: k-means cells (None: 4·√n, the FAISS guideline), at most n / 39 so that every cell has training data.
-    probes: cells scanned per query; more is slower and closer to exact. A query whose probed cells hold fewer
-    than k vectors is answered by exact search, so a search never returns fewer than min(k, n) rows."""
+    probes: cells scanned per query; more is slower and closer to exact. A search for k rows scans at least enough
+    cells to hold 2k vectors on average (`probes_for`), so a long shortlist widens the scan instead of coming back
+    short; a query whose scanned cells still hold fewer than k vectors is answered by exact search, so a search never
+    returns fewer than min(k, n) rows."""
 
     def __init__(self, vectors: np.ndarray, lists: int | None = None, probes: int = 8):
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"an IVF search needs a non-empty (n, dim) matrix, got shape {vectors.shape}")
-        faiss = import_faiss()
-        # FAISS's OpenMP team the size of torch's: the cross-encoder re-rank that follows must not lose its cores
-        faiss.omp_set_num_threads(torch.get_num_threads())
+        if (lists is not None and lists < 1) or probes < 1:
+            raise ValueError(f"an IVF search needs lists >= 1 and probes >= 1, got lists={lists}, probes={probes}")
+        self.faiss = import_faiss()
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         n, dim = self.vectors.shape
         wanted = lists if lists is not None else round(4 * math.sqrt(n))
         self.lists = max(1, min(wanted, n // MIN_VECTORS_PER_LIST))
         self.probes = min(probes, self.lists)
-        self.quantizer = faiss.IndexFlatIP(dim)
-        self.index = faiss.IndexIVFFlat(self.quantizer, dim, self.lists, faiss.METRIC_INNER_PRODUCT)
+        self._match_torch_threads()
+        self.quantizer = self.faiss.IndexFlatIP(dim)
+        self.index = self.faiss.IndexIVFFlat(self.quantizer, dim, self.lists, self.faiss.METRIC_INNER_PRODUCT)
         self.index.cp.min_points_per_centroid = 1  # `lists` is clamped above; no warning for a small gallery's one cell
         self.index.train(self.vectors)
         self.index.add(self.vectors)
-        self.index.nprobe = self.probes
         self.exact = ExactSearch(self.vectors)
+
+    def _match_torch_threads(self) -> None:
+        # FAISS's OpenMP team the size of torch's, so that the cross-encoder re-rank that follows keeps its cores.
+        # The setting is per calling thread, and Serve searches from a worker thread: set it on every call.
+        self.faiss.omp_set_num_threads(torch.get_num_threads())
+
+    def probes_for(self, k: int) -> int:
+        """Cells to scan for k rows: `probes`, or enough cells to hold 2k vectors on average, at most every cell."""
+        return min(self.lists, max(self.probes, math.ceil(2 * k * self.lists / len(self.vectors))))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
         k = min(k, len(self.vectors))
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        self._match_torch_threads()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        params = self.faiss.SearchParametersIVF(nprobe=self.probes_for(k))
+        scores, rows = self.index.search(queries, k, params=params)
         short = np.flatnonzero((rows < 0).any(axis=1))
         if len(short):
             rows[short], scores[short] = self.exact.search(queries[short], k)
         return rows.astype(np.int64, copy=False), scores
 
+    def describe(self) -> str:
+        return f"ivf ({self.lists} lists, {self.probes} probes)"
 
-class SearchSection(Section):
-    """How the dual-encoder stage finds a query's nearest gallery vectors."""
 
-    method: Literal["exact", "ivf"] = Field(
-        "exact", description="exact: one matrix product over every vector; ivf: FAISS IVF-Flat (needs faiss-cpu, "
-        "pip install 'mengzi-ray[ann]'), for galleries of about 100,000 and more")
-    lists: int | None = Field(None, ge=1, description="ivf: k-means cells (None: 4·sqrt(gallery size))")
-    probes: int = Field(8, ge=1, description="ivf: cells scanned per query (more: slower, closer to exact)")
-
-    def build(self, vectors: np.ndarray) -> VectorSearch:
-        """A searcher over `vectors` (n, dim) by this section's method."""
-        if self.method == "ivf":
-            return IvfSearch(vectors, self.lists, self.probes)
-        return ExactSearch(vectors)
+def build_search(vectors: np.ndarray, section: SearchSection) -> ExactSearch | IvfSearch:
+    """A searcher over `vectors` (n, dim) by the section's method (Serve's `retriever.search`)."""
+    if section.method == "ivf":
+        return IvfSearch(vectors, section.lists, section.probes)
+    return ExactSearch(vectors)

@@ -88,10 +88,12 @@ class OscarForPretraining(OscarPreTrainedModel):
         relation = self.cls.seq_relationship(out.pooler_output)
         if masked_lm_labels is None or next_sentence_label is None:
             return TaskOutput(logits=self.cls(out.last_hidden_state), seq_relationship_logits=relation)
-        targets = masked_lm_labels != -1
-        labels = masked_lm_labels[targets]
-        scores = self.cls(out.last_hidden_state[:, : masked_lm_labels.shape[1]][targets])
-        mlm = F.cross_entropy(scores.float(), labels)
+        hidden = out.last_hidden_state[:, : masked_lm_labels.shape[1]].reshape(-1, out.last_hidden_state.shape[-1])
+        flat = masked_lm_labels.reshape(-1)
+        targets = (flat != -1).nonzero().squeeze(1)  # one data-dependent shape: one graph break under torch.compile
+        labels = flat.index_select(0, targets)
+        scores = self.cls(hidden.index_select(0, targets))
+        mlm = F.cross_entropy(scores.float(), labels)  # NaN for a batch without targets, as the original's
         contrast = F.cross_entropy(relation.float(), next_sentence_label.reshape(-1))
         return TaskOutput(logits=scores, loss=mlm + contrast, seq_relationship_logits=relation, mlm_loss=mlm,
                           num_correct=(scores.argmax(-1) == labels).sum())

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mengzi_ray.inference.embedder import DualEmbedder
-from mengzi_ray.index.search import SearchSection
+from mengzi_ray.index.card import SearchSection
+from mengzi_ray.index.search import build_search
 from mengzi_ray.index.store import ExactIndex
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery
@@ -39,10 +40,11 @@ class DualStage:
             self.image_vectors = embedder.embed_images(images)
         self.caption_vectors = embedder.embed_texts(gallery.captions) if gallery.captions else None
         search = search or SearchSection()
-        self.image_search = search.build(self.image_vectors)
-        self.caption_search = search.build(self.caption_vectors) if self.caption_vectors is not None else None
-        log.info("dual-encoder stage: %d image and %d caption vectors, %s search", len(self.image_vectors),
-                 len(gallery.captions), search.method)
+        self.image_search = build_search(self.image_vectors, search)
+        self.caption_search = build_search(self.caption_vectors, search) if self.caption_vectors is not None else None
+        log.info("dual-encoder stage: %d image vectors (%s search), %d caption vectors (%s)", len(self.image_vectors),
+                 self.image_search.describe(), len(gallery.captions),
+                 self.caption_search.describe() if self.caption_search else "none")
 
     def images_for(self, texts: Sequence[str], k: int) -> list[np.ndarray]:
         """The k gallery images nearest each text, best first."""

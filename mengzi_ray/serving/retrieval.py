@@ -17,7 +17,7 @@ import numpy as np
 
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.ngram import NgramIndex
-from mengzi_ray.index.search import SearchSection
+from mengzi_ray.index.card import SearchSection
 from mengzi_ray.inference import MatchScorer, Pair
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.dual_stage import DualStage
@@ -64,10 +64,12 @@ class RetrievalEngine:
         self.set_gallery(gallery, index_uri)
 
     def set_gallery(self, gallery: Gallery, index_uri: str | None = None) -> None:
-        self.gallery = gallery
-        self.image_index = NgramIndex([tag_string(r.tags) for r in gallery.regions])
-        self.caption_index = NgramIndex(gallery.captions) if gallery.captions else None
-        self.dual = DualStage(self.embedder, gallery, index_uri, self.search_section) if self.embedder is not None else None
+        """Build every index of `gallery`, then swap them in together: a search running in another thread meanwhile
+        sees the old gallery whole (an IVF stage trains for seconds)."""
+        image_index = NgramIndex([tag_string(r.tags) for r in gallery.regions])
+        caption_index = NgramIndex(gallery.captions) if gallery.captions else None
+        dual = DualStage(self.embedder, gallery, index_uri, self.search_section) if self.embedder is not None else None
+        self.gallery, self.image_index, self.caption_index, self.dual = gallery, image_index, caption_index, dual
 
     def _shortlist(self, query: SearchQuery) -> np.ndarray:
         if self.dual is not None and self.candidates is not None:

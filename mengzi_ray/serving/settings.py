@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from mengzi_ray.config import Section
 from mengzi_ray.features.card import DetectorSection
-from mengzi_ray.index.search import SearchSection
+from mengzi_ray.index.card import SearchSection
 
 
 class ReplicaSection(Section):
@@ -95,7 +95,7 @@ class RetrieverSection(BatchedReplicaSection):
     candidates: int = Field(100, ge=1, description="candidate-stage shortlist re-ranked by the cross-encoder")
     first_stage: Literal["auto", "dual_encoder", "tfidf"] = Field(
         "auto", description="candidate stage: auto = the dual encoder when the model dir has one, else TF-IDF")
-    search: SearchSection = SearchSection()
+    search: SearchSection = Field(SearchSection(), description="the dual-encoder stage's search (exact or ivf)")
     rerank_chunk: int = Field(256, ge=1, description="pairs per cross-encoder forward pass")
 
 

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
-from mengzi_ray.index.search import ExactSearch, IvfSearch, SearchSection
+from mengzi_ray.index.card import SearchSection
+from mengzi_ray.index.search import ExactSearch, IvfSearch, build_search
 from mengzi_ray.index.store import inner_products
 
 
@@ -71,13 +73,54 @@ def test_cells_are_clamped_to_the_gallery_and_short_rows_fall_back_to_exact() ->
         ivf.search(query, 0)
     with pytest.raises(ValueError, match="non-empty"):
         IvfSearch(np.zeros((0, 4), np.float32))
+    with pytest.raises(ValueError, match="probes >= 1"):
+        IvfSearch(uneven, probes=0)
+    with pytest.raises(ValueError, match="lists >= 1"):
+        IvfSearch(uneven, lists=0)
+
+
+class NoExactSearch:
+    def search(self, queries: np.ndarray, k: int):
+        raise AssertionError("fell back to exact search")
+
+
+def test_a_long_shortlist_widens_the_scan_instead_of_falling_back() -> None:
+    vectors, queries = clustered(4000, 16, 40, seed=6)
+    ivf = IvfSearch(vectors, probes=4)
+    assert ivf.lists == 4000 // 39 and ivf.probes_for(10) == 4
+    assert ivf.probes_for(1000) == int(np.ceil(2 * 1000 * ivf.lists / 4000)) and ivf.probes_for(4000) == ivf.lists
+    ivf.exact = NoExactSearch()  # 1,000 rows come from the scanned cells alone
+    rows, scores = ivf.search(queries, 1000)
+    assert rows.shape == (50, 1000) and (rows >= 0).all()
+    exact, _ = ExactSearch(vectors).search(queries, 10)
+    assert np.mean([set(e) <= set(r) for e, r in zip(exact.tolist(), rows.tolist())]) >= 0.95
+
+
+def test_every_search_sizes_faiss_threads_like_torch_in_its_own_thread() -> None:
+    import threading
+
+    import faiss
+
+    vectors, queries = clustered(400, 8, 4, seed=7)
+    ivf = IvfSearch(vectors)
+    seen = []
+
+    def search_in_a_worker_thread() -> None:  # as Serve runs engine.search (asyncio.to_thread)
+        faiss.omp_set_num_threads(7)
+        ivf.search(queries, 5)
+        seen.append(faiss.omp_get_max_threads())
+
+    worker = threading.Thread(target=search_in_a_worker_thread)
+    worker.start()
+    worker.join()
+    assert seen == [torch.get_num_threads()]
 
 
 def test_the_section_builds_exact_by_default_and_ivf_on_request() -> None:
     vectors, queries = clustered(300, 8, 4, seed=4)
-    default = SearchSection().build(vectors)
+    default = build_search(vectors, SearchSection())
     assert isinstance(default, ExactSearch)
-    ivf = SearchSection(method="ivf", lists=4, probes=2).build(vectors)
+    ivf = build_search(vectors, SearchSection(method="ivf", lists=4, probes=2))
     assert isinstance(ivf, IvfSearch) and (ivf.lists, ivf.probes) == (4, 2)
     with pytest.raises(ValidationError, match="method"):
         SearchSection(method="hnsw")
@@ -89,5 +132,5 @@ def test_ivf_without_faiss_names_the_package_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` sees where faiss-cpu is not installed
     vectors, _ = clustered(100, 8, 2, seed=5)
     with pytest.raises(ImportError, match=r"pip install 'mengzi-ray\[ann\]'"):
-        SearchSection(method="ivf").build(vectors)
-    assert isinstance(SearchSection().build(vectors), ExactSearch)  # exact search needs no faiss
+        build_search(vectors, SearchSection(method="ivf"))
+    assert isinstance(build_search(vectors, SearchSection()), ExactSearch)  # exact search needs no faiss

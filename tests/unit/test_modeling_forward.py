@@ -116,6 +116,10 @@ def test_pretraining_outputs_and_loss() -> None:
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
     padded = torch.cat([labels, torch.full((3, 4), -1)], dim=1)  # (B, T+R) labels give the same loss
     torch.testing.assert_close(model(**inputs, masked_lm_labels=padded, next_sentence_label=nsp).loss, out.loss)
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager")
+    for targets in (labels, padded, torch.where(torch.rand(3, 7, generator=torch.Generator().manual_seed(0)) < 0.5, 4, -1)):
+        torch.testing.assert_close(compiled(**inputs, masked_lm_labels=targets, next_sentence_label=nsp).loss,
+                                   model(**inputs, masked_lm_labels=targets, next_sentence_label=nsp).loss)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
 
 

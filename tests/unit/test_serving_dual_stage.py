@@ -11,7 +11,8 @@ import pytest
 
 from mengzi_ray.config import load_card
 from mengzi_ray.synthetic import write_synthetic_dataset
-from mengzi_ray.index.search import ExactSearch, IvfSearch, SearchSection
+from mengzi_ray.index.card import SearchSection
+from mengzi_ray.index.search import ExactSearch, IvfSearch
 from mengzi_ray.index.store import ExactIndex, embedding_table, inner_products
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.gallery import load_gallery
