@@ -2,9 +2,9 @@
 
 Serve's dual-encoder candidate stage (serving/dual_stage.py) builds one searcher per gallery side when the gallery
 loads (`build_search`, from the retriever's `search` section: index/card.py `SearchSection`). Exact search is a
-matrix product (index/store.py): about 2.2 ms a query at 100,000 vectors of 64 dims and 13 ms at 256 dims on 2
+matrix product (index/store.py): about 2.8 ms a query at 100,000 vectors of 64 dims and 14 ms at 256 dims on 2
 cores. IVF-Flat (FAISS's `IndexIVFFlat`) clusters the vectors into `lists` cells with k-means and scans only the
-`probes` cells nearest the query: 0.18 ms at 100,000 vectors with recall@10 1.000 / 0.998 at 8 probes
+`probes` cells nearest the query: 0.15 / 0.28 ms at 100,000 vectors with recall@10 1.000 / 0.998 at 8 probes
 (bench/bench_index_search.py). FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs
 faiss-cpu), imported only when an IVF search is built.
 
