@@ -113,7 +113,7 @@ class IvfSearch:
         return rows.astype(np.int64, copy=False), scores
 
     def describe(self) -> str:
-        return f"ivf ({self.lists} lists, {self.probes} probes)"
+        return f"ivf (lists {self.lists}, probes {self.probes})"
 
 
 def build_search(vectors: np.ndarray, section: SearchSection) -> ExactSearch | IvfSearch:

@@ -283,8 +283,8 @@ class Retriever:
             "gallery": self.gallery_section.features,
             "gallery_images": len(gallery),
             "gallery_captions": len(gallery.captions),
-            "candidate_stage": (f"dual-encoder inner product ({self.section.search.method} search)"
-                                if self.engine.first_stage == "dual_encoder" else "char n-gram TF-IDF over Chinese tags"),
+            "candidate_stage": (f"dual-encoder inner product, {self.engine.dual.image_search.describe()} search"
+                                if self.engine.dual is not None else "char n-gram TF-IDF over Chinese tags"),
             "candidates": self.engine.candidates,
             **self.stats.as_dict(),
         }

@@ -85,9 +85,9 @@ def test_the_retriever_deployment_takes_its_search_method_from_the_config(setup,
                                               "candidates": 5, "search": {"method": "ivf", "probes": 2}})
     replica = Retriever.func_or_class(config)  # the class as written, outside a Serve replica
     assert isinstance(replica.engine.dual.image_search, IvfSearch)
-    assert replica.info()["candidate_stage"] == "dual-encoder inner product (ivf search)"
+    assert replica.info()["candidate_stage"] == "dual-encoder inner product, ivf (lists 1, probes 1) search"
     default = Retriever.func_or_class(config.model_copy(update={"search": SearchSection()}))
-    assert default.info()["candidate_stage"] == "dual-encoder inner product (exact search)"
+    assert default.info()["candidate_stage"] == "dual-encoder inner product, exact search"
 
 
 def test_index_vectors_equal_the_ones_embedded_at_load(setup, tmp_path: Path) -> None:
