@@ -5,15 +5,17 @@ The vectors stand in for a dual encoder's image embeddings: unit vectors drawn a
 (real embeddings cluster; uniform random vectors would be the hardest case for every ANN method). Queries are
 fresh draws from the same mixture, not in the index. Per method: build seconds, ms per query one at a time (Serve's
 pattern: one text query per request) and per query in one batch of all queries (the evaluate job's pattern), and
-recall@10 against the exact top 10. The product's two methods (index/search.py, Serve's `retriever.search`):
-exact (`ExactSearch`: torch inner product + `top_k`) and ivf (`IvfSearch`: FAISS IVF-Flat, lists 4·√n, at
-several probes, build time including the k-means). Beside them, FAISS methods the product does not offer:
-IndexFlatIP (exact, its own BLAS) and HNSW (M 32) at several efSearch; every FAISS method gets torch's thread
-count. faiss-cpu comes with the `ann` and `test` extras; without it only exact search is measured. After every single search the bench times a fixed torch matrix product, against the same
-product run alone: Serve re-ranks right after the search, and a library whose thread pool keeps spinning after a
-search takes cores from that re-rank (index/store.py's inner_products docstring: numpy's OpenBLAS did).
+recall@k against the exact top k (`--k`: 10 by default; Serve's first stage asks for its `candidates`, 100-200).
 
-    .venv/bin/python bench/bench_index_search.py [--vectors 100000] [--dims 64 256] [--queries 200]
+The product's two methods (index/search.py, Serve's `retriever.search`): exact (`ExactSearch`: torch inner product
++ `top_k`) and ivf (`IvfSearch`: FAISS IVF-Flat, lists 4·√n, at several probes, build time including the k-means).
+Beside them, FAISS methods the product does not offer: IndexFlatIP (exact, its own BLAS) and HNSW (M 32) at several
+efSearch; every FAISS method gets torch's thread count. faiss-cpu comes with the `ann` and `test` extras; without it
+only exact search is measured. After every single search the bench times a fixed torch matrix product, against the
+same product run alone: Serve re-ranks right after the search, and a library whose thread pool keeps spinning after
+a search takes cores from that re-rank (index/store.py's inner_products docstring: numpy's OpenBLAS did).
+
+    .venv/bin/python bench/bench_index_search.py [--vectors 100000] [--dims 64 256] [--queries 200] [--k 10]
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from mengzi_ray.index.card import SearchSection
 from mengzi_ray.index.search import ExactSearch, build_search
 
 SCRIPT = "bench_index_search"
-K = 10
 EXACT = "exact (index.search.ExactSearch)"
 
-Search = Callable[[np.ndarray], np.ndarray]  # (Q, dim) queries -> (Q, K) indices, best first
+Search = Callable[[np.ndarray, int], np.ndarray]  # (Q, dim) queries, k -> (Q, k) indices, best first
 
 
 def clustered_unit_vectors(rng: np.random.Generator, count: int, centres: np.ndarray, spread: float) -> np.ndarray:
@@ -45,7 +46,7 @@ def clustered_unit_vectors(rng: np.random.Generator, count: int, centres: np.nda
 
 def exact(vectors: np.ndarray) -> Search:
     index = ExactSearch(vectors)
-    return lambda queries: index.search(queries, K)[0]
+    return lambda queries, k: index.search(queries, k)[0]
 
 
 def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
@@ -59,10 +60,10 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
     out: dict[str, tuple[float, Search]] = {}
 
     def searcher(index, configure: Callable[[], None] = lambda: None) -> Search:
-        """index.search's top-K indices, after `configure` sets the index's search parameter."""
-        def search(queries: np.ndarray) -> np.ndarray:
+        """index.search's top-k indices, after `configure` sets the index's search parameter."""
+        def search(queries: np.ndarray, k: int) -> np.ndarray:
             configure()
-            return index.search(np.ascontiguousarray(queries), K)[1]
+            return index.search(np.ascontiguousarray(queries), k)[1]
         return search
 
     start = time.perf_counter()
@@ -83,7 +84,7 @@ def faiss_methods(vectors: np.ndarray) -> dict[str, tuple[float, Search]]:
         ivf = build_search(vectors, SearchSection(method="ivf", probes=probes))
         built = time.perf_counter() - start
         out[f"ivf (index.search.IvfSearch, {ivf.lists} lists) probes {probes}"] = (
-            built, lambda queries, ivf=ivf: ivf.search(queries, K)[0])
+            built, lambda queries, k, ivf=ivf: ivf.search(queries, k)[0])
     return out
 
 
@@ -101,21 +102,22 @@ def rerank_stand_in() -> Callable[[], float]:
 
 
 def measure(search: Search, queries: np.ndarray, truth: np.ndarray, rerank: Callable[[], float]) -> dict[str, float]:
-    """ms per query one at a time and in one batch, mean recall@K against `truth` (Q, K), and the ms of the torch
+    """ms per query one at a time and in one batch, mean recall@k against `truth` (Q, k), and the ms of the torch
     workload run right after each single search (a thread pool that spins after the search slows it: Serve re-ranks
     the shortlist with the cross-encoder right after the search)."""
-    search(queries[:2])  # warm-up (thread pools, lazily built structures)
+    k = truth.shape[1]
+    search(queries[:2], k)  # warm-up (thread pools, lazily built structures)
     single, after = [], []
     start = time.perf_counter()
     for i in range(len(queries)):
-        single.append(search(queries[i : i + 1])[0])
+        single.append(search(queries[i : i + 1], k)[0])
         after.append(rerank())
     single_ms = (time.perf_counter() - start - sum(after) / 1000) * 1000 / len(queries)
     start = time.perf_counter()
-    search(queries)
+    search(queries, k)
     batch_ms = (time.perf_counter() - start) * 1000 / len(queries)
-    recall = np.mean([len(set(single[i]) & set(truth[i])) / K for i in range(len(queries))])
-    return {"ms_per_query_single": single_ms, "ms_per_query_batched": batch_ms, "recall@10": float(recall),
+    recall = np.mean([len(set(single[i]) & set(truth[i])) / k for i in range(len(queries))])
+    return {"ms_per_query_single": single_ms, "ms_per_query_batched": batch_ms, f"recall@{k}": float(recall),
             "rerank_ms_after": float(np.median(after))}
 
 
@@ -126,6 +128,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--spread", type=float, default=0.1, help="noise std per dimension around a centre")
+    parser.add_argument("--k", type=int, default=10, help="rows per search (Serve asks for its `candidates`, "
+                        "100-200); results go to bench_index_search_k<k>.json unless 10")
     args = parser.parse_args()
     commit = git_commit()
     results = {}
@@ -135,18 +139,18 @@ def main() -> int:
         vectors = clustered_unit_vectors(rng, args.vectors, centres, args.spread)
         queries = clustered_unit_vectors(rng, args.queries, centres, args.spread)
         ours = exact(vectors)
-        truth = ours(queries)
+        truth = ours(queries, args.k)
         rerank = rerank_stand_in()
         alone = float(np.median([rerank() for _ in range(len(queries) + 10)][10:]))  # the first 10 warm up
         rows = {EXACT: {"build_s": 0.0, **measure(ours, queries, truth, rerank)}}
         for name, (built, search) in faiss_methods(vectors).items():
             rows[name] = {"build_s": built, **measure(search, queries, truth, rerank)}
         base = rows[EXACT]["ms_per_query_single"]
-        print(f"\n{args.vectors:,} vectors × {dim}, {args.queries} queries, top {K}; the torch workload alone: {alone:.2f} ms")
-        print_table(["method", "build s", "ms/query (single)", "speed-up vs exact", "ms/query (batch)", "recall@10",
+        print(f"\n{args.vectors:,} vectors × {dim}, {args.queries} queries, top {args.k}; the torch workload alone: {alone:.2f} ms")
+        print_table(["method", "build s", "ms/query (single)", "speed-up vs exact", "ms/query (batch)", f"recall@{args.k}",
                      "torch workload after it, ms"],
                     [[n, f"{r['build_s']:.1f}", f"{r['ms_per_query_single']:.3f}", f"{base / r['ms_per_query_single']:.1f}x",
-                      f"{r['ms_per_query_batched']:.3f}", f"{r['recall@10']:.3f}", f"{r['rerank_ms_after']:.2f}"]
+                      f"{r['ms_per_query_batched']:.3f}", f"{r[f'recall@{args.k}']:.3f}", f"{r['rerank_ms_after']:.2f}"]
                      for n, r in rows.items()])
         results[f"dim_{dim}"] = {"torch_workload_alone_ms": alone, "methods": rows}
     try:
@@ -154,9 +158,10 @@ def main() -> int:
         faiss_version = faiss.__version__
     except ImportError:
         faiss_version = None
-    settings = {**{k: getattr(args, k) for k in ("vectors", "dims", "queries", "clusters", "spread")},
+    settings = {**{k: getattr(args, k) for k in ("vectors", "dims", "queries", "clusters", "spread", "k")},
                 "faiss": faiss_version}
-    print(f"\nwrote {write_results(SCRIPT, torch.device('cpu'), commit, settings, results)}")
+    script = SCRIPT if args.k == 10 else f"{SCRIPT}_k{args.k}"
+    print(f"\nwrote {write_results(script, torch.device('cpu'), commit, settings, results)}")
     return 0
 
 
