@@ -4,8 +4,10 @@ Serve's dual-encoder candidate stage (serving/dual_stage.py) builds one searcher
 loads (`build_search`, from the retriever's `search` section: index/card.py `SearchSection`). Exact search is a
 matrix product (index/store.py): about 2.8 ms a query at 100,000 vectors of 64 dims and 14 ms at 256 dims on 2
 cores. IVF-Flat (FAISS's `IndexIVFFlat`) clusters the vectors into `lists` cells with k-means and scans only the
-`probes` cells nearest the query: 0.15 / 0.28 ms at 100,000 vectors with recall@10 1.000 / 0.998 at 8 probes
-(bench/bench_index_search.py). FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs
+`probes` cells nearest the query. At 100,000 vectors (bench/bench_index_search.py, 64 / 256 dims) 8 probes find
+the exact top 10 (recall 1.000 / 0.998) in 0.15 / 0.28 ms, but only 0.74 / 0.57 of the exact top 200, the size of
+Serve's shortlist; the default 32 probes keep 0.90 / 0.69 of it in 0.18 / 0.46 ms, 128 probes 0.98 / 0.86 in
+0.44 / 1.15 ms. So `probes` trades the shortlist's recall for speed, and it is worth measuring on the real gallery. FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs
 faiss-cpu), imported only when an IVF search is built.
 
 The cells are trained when the searcher is built, not stored with the index, so the index on disk stays plain
@@ -71,7 +73,7 @@ class IvfSearch:
     short; a query whose scanned cells still hold fewer than k vectors is answered by exact search, so a search never
     returns fewer than min(k, n) rows."""
 
-    def __init__(self, vectors: np.ndarray, lists: int | None = None, probes: int = 8):
+    def __init__(self, vectors: np.ndarray, lists: int | None = None, probes: int = 32):
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"an IVF search needs a non-empty (n, dim) matrix, got shape {vectors.shape}")
         if (lists is not None and lists < 1) or probes < 1:
