@@ -76,7 +76,8 @@ def run_case(case: Case, device: torch.device, vocab_dir: Path, options: StepOpt
     batch = {k: v.to(device) for k, v in pretrain_batch(batch_size, vocab_dir, rng).items()}
     with torch.no_grad():
         a, b = ours.eval()(**batch).loss.item(), dense_head_loss(dense.eval(), batch).item()
-    ours.train(), dense.train()
+    ours.train()
+    dense.train()
     steps = {"ours": our_step(ours, batch, options, device, lambda m, x: m(**x).loss, PRETRAIN_NO_DECAY),
              "dense_head": our_step(dense, batch, options, device, dense_head_loss, PRETRAIN_NO_DECAY)}
     warmup = {name: timed(step, device)[0] for name, step in steps.items()}

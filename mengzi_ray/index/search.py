@@ -7,8 +7,9 @@ cores. IVF-Flat (FAISS's `IndexIVFFlat`) clusters the vectors into `lists` cells
 `probes` cells nearest the query. At 100,000 vectors (bench/bench_index_search.py, 64 / 256 dims) 8 probes find
 the exact top 10 (recall 1.000 / 0.998) in 0.15 / 0.28 ms, but only 0.74 / 0.57 of the exact top 200, the size of
 Serve's shortlist; the default 32 probes keep 0.90 / 0.69 of it in 0.18 / 0.46 ms, 128 probes 0.98 / 0.86 in
-0.44 / 1.15 ms. So `probes` trades the shortlist's recall for speed, and it is worth measuring on the real gallery. FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs
-faiss-cpu), imported only when an IVF search is built.
+0.44 / 1.15 ms. So `probes` trades the shortlist's recall for speed, and it is worth measuring on the real gallery.
+FAISS is an optional dependency (`pip install 'mengzi-ray[ann]'`, which installs faiss-cpu), imported only when an
+IVF search is built.
 
 The cells are trained when the searcher is built, not stored with the index, so the index on disk stays plain
 Parquet (readable by pyarrow, pandas or DuckDB) and valid for any `lists`; training takes about 5 s at 100,000
@@ -85,7 +86,7 @@ class IvfSearch:
         self.lists = max(1, min(wanted, n // MIN_VECTORS_PER_LIST))
         self.probes = min(probes, self.lists)
         self._match_torch_threads()
-        self.quantizer = self.faiss.IndexFlatIP(dim)
+        self.quantizer = self.faiss.IndexFlatIP(dim)  # kept: the IVF index holds only a raw pointer to it
         self.index = self.faiss.IndexIVFFlat(self.quantizer, dim, self.lists, self.faiss.METRIC_INNER_PRODUCT)
         self.index.cp.min_points_per_centroid = 1  # `lists` is clamped above; no warning for a small gallery's one cell
         self.index.train(self.vectors)

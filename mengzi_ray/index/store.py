@@ -1,4 +1,4 @@
-"""The embedding index on disk, and exact inner-product search over it.
+"""The embedding index on disk, and the inner products and top-k that exact search (index/search.py) is made of.
 
 Layout (a local dir or s3:// prefix, by default `index/` beside the feature dataset's dir):
 
@@ -94,8 +94,8 @@ def indexed_ids(uri: str) -> set[str]:
 
 
 @dataclass
-class ExactIndex:
-    """Unit vectors (n, dim) float32 with their image ids; exact inner-product top-k by a matrix product."""
+class EmbeddingIndex:
+    """An index's unit vectors (n, dim) float32 with their image ids (searched by index/search.py)."""
 
     image_ids: list[str]
     vectors: np.ndarray
@@ -107,7 +107,7 @@ class ExactIndex:
             raise ValueError("index holds an image_id twice")
 
     @classmethod
-    def load(cls, uri: str) -> "ExactIndex":
+    def load(cls, uri: str) -> "EmbeddingIndex":
         """All committed parts of the index at `uri`, sorted by image_id. FileNotFoundError when it has none."""
         table = read_table(uri)
         if table is None:
@@ -116,11 +116,6 @@ class ExactIndex:
         dim = table.schema.field("embedding").type.list_size
         vectors = table.column("embedding").combine_chunks().values.to_numpy().reshape(-1, dim)
         return cls(table.column("image_id").to_pylist(), vectors.astype(np.float32, copy=False))
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows per query (Q, dim) by inner product: (indices (Q, k'), scores (Q, k')), k' = min(k, n), best
-        first; equal scores keep index order."""
-        return top_k(inner_products(queries, self.vectors), k)
 
 
 def inner_products(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:

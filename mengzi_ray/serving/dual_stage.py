@@ -18,7 +18,7 @@ import numpy as np
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.card import SearchSection
 from mengzi_ray.index.search import build_search
-from mengzi_ray.index.store import ExactIndex
+from mengzi_ray.index.store import EmbeddingIndex
 from mengzi_ray.serving.captioning import RegionSet
 from mengzi_ray.serving.gallery import Gallery
 from mengzi_ray.text import tag_string
@@ -65,7 +65,7 @@ class DualStage:
 
 def _vectors_from_index(uri: str, gallery: Gallery) -> np.ndarray:
     """The index rows of the gallery's images, in gallery order; ValueError naming how many are missing."""
-    index = ExactIndex.load(uri)
+    index = EmbeddingIndex.load(uri)
     row_of = {image_id: n for n, image_id in enumerate(index.image_ids)}
     missing = [i for i in gallery.image_ids if i not in row_of]
     if missing:

@@ -335,7 +335,7 @@ class PretrainTask(Task):
             b = {k: torch.as_tensor(v).to(device) for k, v in self._polluted_batch(prepared, rng, pool).items()}
             out = model(**b)
             hits += int(out.num_correct)
-            targets += int((b["masked_lm_labels"] != -1).sum())
+            targets += len(out.logits)  # with labels, one row of logits per target
             losses.append((out.loss.item(), len(b["masked_lm_labels"])))
         return {"val_loss": _weighted_mean(losses), "val_mlm_acc": hits / max(1, targets)}
 

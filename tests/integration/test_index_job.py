@@ -14,7 +14,8 @@ from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.index.card import IndexCard
 from mengzi_ray.inference.embedder import DualEmbedder
 from mengzi_ray.index.job import run_index
-from mengzi_ray.index.store import ExactIndex, read_meta
+from mengzi_ray.index.search import ExactSearch
+from mengzi_ray.index.store import EmbeddingIndex, read_meta
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.text import tag_string
 from mengzi_ray.training.card import RetrievalCard
@@ -55,7 +56,7 @@ def test_index_is_resumable_and_actor_count_invariant(ray_local, gallery, tmp_pa
     assert again["embedded"] == 0 and again["images"] == 41
     one = run_index(card(features, model, tmp_path / "one", **{"actors.num_actors": 1}))
     assert one["embedded"] == 41
-    resumed, single = ExactIndex.load(str(tmp_path / "two")), ExactIndex.load(str(tmp_path / "one"))
+    resumed, single = EmbeddingIndex.load(str(tmp_path / "two")), EmbeddingIndex.load(str(tmp_path / "one"))
     assert resumed.image_ids == single.image_ids and np.array_equal(resumed.vectors, single.vectors)
     assert read_meta(str(tmp_path / "two"))["images"] == 41
     # the index holds what the in-process embedder computes for the same rows
@@ -66,7 +67,7 @@ def test_index_is_resumable_and_actor_count_invariant(ray_local, gallery, tmp_pa
     local = embedder.embed_images([(tag_string(t), f) for f, t in zip(region_arrays(table.column("features")),
                                                                        table.column("tags").to_pylist())])
     assert np.array_equal(local, single.vectors)
-    hits, scores = single.search(local[:3], 2)
+    hits, scores = ExactSearch(single.vectors).search(local[:3], 2)
     assert hits[:, 0].tolist() == [0, 1, 2] and np.all(scores[:, 0] >= scores[:, 1])
 
 

@@ -13,7 +13,7 @@ from mengzi_ray.config import load_card
 from mengzi_ray.synthetic import write_synthetic_dataset
 from mengzi_ray.index.card import SearchSection
 from mengzi_ray.index.search import ExactSearch, IvfSearch
-from mengzi_ray.index.store import ExactIndex, embedding_table, inner_products
+from mengzi_ray.index.store import embedding_table, inner_products
 from mengzi_ray.modeling import OscarForRetrieval
 from mengzi_ray.serving.gallery import load_gallery
 from mengzi_ray.inference import MatchScorer
@@ -106,7 +106,7 @@ def test_index_vectors_equal_the_ones_embedded_at_load(setup, tmp_path: Path) ->
         RetrievalEngine(dual, gallery, candidates=5, index_uri=str(index_dir))
 
 
-def test_the_exact_index_ranks_by_inner_product_with_ties_by_row() -> None:
+def test_exact_search_ranks_by_inner_product_with_ties_by_row() -> None:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((50, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -115,7 +115,7 @@ def test_the_exact_index_ranks_by_inner_product_with_ties_by_row() -> None:
     scores = inner_products(queries, vectors)
     assert scores.dtype == np.float32 and scores.shape == (2, 50)
     np.testing.assert_allclose(scores, queries.astype(np.float64) @ vectors.T.astype(np.float64), rtol=1e-5, atol=1e-5)
-    hits, best = ExactIndex([f"img{i}" for i in range(50)], vectors).search(queries, 5)
+    hits, best = ExactSearch(vectors).search(queries, 5)
     expected = np.argsort(-(queries.astype(np.float64) @ vectors.T.astype(np.float64)), axis=1, kind="stable")[:, :5]
     assert hits.tolist() == expected.tolist() and hits[0, :2].tolist() == [3, 7]
     np.testing.assert_array_equal(best, np.take_along_axis(scores, hits, axis=1))
